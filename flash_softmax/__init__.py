@@ -1,0 +1,10 @@
+"""flash_softmax: fused attention and softmax kernels in Triton for PyTorch.
+
+>>> import flash_softmax as fs
+>>> out = fs.flash_attention(q, k, v, causal=True)   # q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D)
+>>> y = fs.softmax(x, dim=-1)
+"""
+
+from flash_softmax import reference, testing
+
+__version__ = "0.1.0"

@@ -1,0 +1,23 @@
+"""Which engine runs a call: compiled Triton, Triton's interpreter, or plain PyTorch.
+
+Triton decides once, when a kernel is decorated, whether ``@triton.jit`` builds a compiled kernel or an
+interpreted one (from ``TRITON_INTERPRET``). We read the same switch once, at import, so the dispatch
+below always agrees with the kernels that were actually built.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+#: True when every ``@triton.jit`` kernel of this process runs in Triton's CPU interpreter.
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+
+def backend_for(device: torch.device) -> str:
+    """Return ``"triton"``, ``"triton-interpreter"`` or ``"torch"`` for tensors on ``device``."""
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu" and INTERPRETED:
+        return "triton-interpreter"
+    return "torch"
