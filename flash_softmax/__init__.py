@@ -6,5 +6,6 @@
 """
 
 from flash_softmax import reference, testing
+from flash_softmax.attention import FlashAttention, flash_attention
 
 __version__ = "0.1.0"

@@ -1,0 +1,357 @@
+"""Attention backward: P recomputed from the saved logsumexp, ``dS = P * (dP - delta)``, no atomics.
+
+Three launches:
+
+1. ``_attn_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` (equal to ``rowsum(P * dP)``), one float32
+   per query row, so the Sq x Sk product never has to be summed.
+2. ``_attn_bwd_dkdv_kernel``: one program per key block of one key/value head. It walks the query blocks
+   (of every query head in its group) that see those keys and accumulates ``dV += Pᵀ dO`` and
+   ``dK += dSᵀ Q``. It owns its dK/dV rows, so nothing is added atomically.
+3. ``_attn_bwd_dq_kernel``: one program per query block, walking key blocks: ``dQ += dS K``.
+
+Each program writes only its own rows, always in the same order, so gradients are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flash_softmax.attention import configs
+from flash_softmax.attention.common import (
+    LOG2E,
+    LOG2E_CONSTEXPR,
+    key_blocks_for_queries,
+    load_tile,
+    mma_operand,
+    query_blocks_for_keys,
+)
+from flash_softmax.attention.forward import interpreter_upcast
+
+
+@triton.jit(do_not_specialize=["seqlen_q"])
+def _attn_bwd_preprocess_kernel(
+    Out, DOut, Delta,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    num_heads_q, seqlen_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Grid ``(cdiv(Sq, BLOCK_M), B * Hq)``: ``delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d]``."""
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_heads_q
+    head = batch_head % num_heads_q
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + rows * stride_om
+                + offs_dv[None, :], mask=mask, other=0.0)
+    do = tl.load(DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + rows * stride_dom
+                 + offs_dv[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + batch_head.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _load_row_stats(LSE, Delta, rows, row_mask, MASKED: tl.constexpr):
+    """Base-2 lse and delta of query rows. A row that saw no key (lse = -inf) gets +inf, so its P is 0."""
+    lse = load_tile(LSE + rows, row_mask, MASKED)
+    delta = load_tile(Delta + rows, row_mask, MASKED)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_CONSTEXPR)
+    return lse2, delta
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    q_ptrs, do_ptrs, LSE, Delta, stride_qm, stride_dom,
+    offs_m, offs_n, mask_d, mask_dv,
+    start_m, end_m, seqlen_q, seqlen_k, qk_scale,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Accumulate the contribution of query rows ``[start_m, end_m)`` of one head to this key block.
+
+    Works on transposed tiles (keys along rows) so that ``dK`` and ``dV`` come out of ``tl.dot`` directly:
+    ``Sᵀ = K Qᵀ``, ``Pᵀ = exp2(Sᵀ - lse)``, ``dV += Pᵀ dO``, ``dPᵀ = V dOᵀ``, ``dSᵀ = Pᵀ (dPᵀ - delta)``,
+    ``dK += dSᵀ Q`` (the softmax scale is applied once, after the loop).
+    """
+    q_ptrs += start_m.to(tl.int64) * stride_qm
+    do_ptrs += start_m.to(tl.int64) * stride_dom
+    for block_start in range(start_m, end_m, BLOCK_M):
+        rows = block_start + offs_m
+        row_mask = rows < seqlen_q
+        if MASKED:
+            q = tl.load(q_ptrs, mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
+        else:
+            q = load_tile(q_ptrs, mask_d[None, :], PAD_D)
+            do = load_tile(do_ptrs, mask_dv[None, :], PAD_DV)
+        lse2, delta = _load_row_stats(LSE, Delta, rows, row_mask, MASKED)
+        q = mma_operand(q, DOT_DTYPE, UPCAST)
+        do = mma_operand(do, DOT_DTYPE, UPCAST)
+
+        scores_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+        p_t = tl.math.exp2(scores_t - lse2[None, :])
+        if MASKED:
+            keep = row_mask[None, :] & (offs_n[:, None] < seqlen_k)
+            if IS_CAUSAL:
+                keep = keep & (offs_n[:, None] <= rows[None, :] + (seqlen_k - seqlen_q))
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(mma_operand(p_t, DOT_DTYPE, UPCAST), do, dv, input_precision="ieee")
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(mma_operand(ds_t, DOT_DTYPE, UPCAST), q, dk, input_precision="ieee")
+        q_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+    return dk, dv
+
+
+@triton.autotune(configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.PRUNE)
+@triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, LSE, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    num_heads_q, group_size, seqlen_q, seqlen_k, softmax_scale, qk_scale,
+    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid ``(cdiv(Sk, BLOCK_N), B * Hkv)``. Sums over the ``group_size`` query heads of the K/V head in a
+    fixed order inside the program, so grouped-query gradients need no atomics either."""
+    DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
+    start_n = tl.program_id(0) * BLOCK_N
+    batch_head_kv = tl.program_id(1)
+    num_heads_kv = num_heads_q // group_size
+    batch = batch_head_kv // num_heads_kv
+    head_kv = batch_head_kv % num_heads_kv
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_d = offs_d < HEAD_DIM
+    mask_dv = offs_dv < HEAD_DIM_V
+    key_rows = offs_n[:, None].to(tl.int64)
+    key_mask = offs_n[:, None] < seqlen_k
+
+    k = tl.load(K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh + key_rows * stride_kn
+                + offs_d[None, :], mask=key_mask & mask_d[None, :], other=0.0)
+    v = tl.load(V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh + key_rows * stride_vn
+                + offs_dv[None, :], mask=key_mask & mask_dv[None, :], other=0.0)
+    k = mma_operand(k, DOT_DTYPE, UPCAST)
+    v = mma_operand(v, DOT_DTYPE, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    begin, full_begin, full_end = query_blocks_for_keys(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    diagonal_end = tl.minimum(full_begin, seqlen_q)
+    tail_begin = tl.maximum(full_begin, full_end)
+    for member in range(0, group_size):
+        head = head_kv * group_size + member
+        q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+                  + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
+        do_ptrs = (DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+                   + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :])
+        row_stats = (batch * num_heads_q + head).to(tl.int64) * seqlen_q
+        lse_ptr = LSE + row_stats
+        delta_ptr = Delta + row_stats
+        # Blocks crossing the causal diagonal, then the unmasked interior, then the partial last block.
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+            offs_m, offs_n, mask_d, mask_dv, begin, diagonal_end, seqlen_q, seqlen_k, qk_scale,
+            BLOCK_M, True, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+            offs_m, offs_n, mask_d, mask_dv, full_begin, full_end, seqlen_q, seqlen_k, qk_scale,
+            BLOCK_M, False, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+            offs_m, offs_n, mask_d, mask_dv, tail_begin, seqlen_q, seqlen_q, seqlen_k, qk_scale,
+            BLOCK_M, True, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+
+    dk = dk * softmax_scale
+    dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + head_kv.to(tl.int64) * stride_dkh + key_rows * stride_dkn
+               + offs_d[None, :])
+    dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb + head_kv.to(tl.int64) * stride_dvh + key_rows * stride_dvn
+               + offs_dv[None, :])
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=key_mask & mask_d[None, :])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_mask & mask_dv[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta,
+    k_ptrs, v_ptrs, stride_kn, stride_vn,
+    offs_m, offs_n, mask_d, mask_dv,
+    start_n, end_n, seqlen_q, seqlen_k, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Accumulate ``dQ += dS K`` over keys ``[start_n, end_n)`` (scale applied after the loop)."""
+    k_ptrs += start_n.to(tl.int64) * stride_kn
+    v_ptrs += start_n.to(tl.int64) * stride_vn
+    for block_start in range(start_n, end_n, BLOCK_N):
+        cols = block_start + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(cols[:, None] < seqlen_k) & mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & mask_dv[None, :], other=0.0)
+        else:
+            k = load_tile(k_ptrs, mask_d[None, :], PAD_D)
+            v = load_tile(v_ptrs, mask_dv[None, :], PAD_DV)
+        k = mma_operand(k, DOT_DTYPE, UPCAST)
+        v = mma_operand(v, DOT_DTYPE, UPCAST)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        p = tl.math.exp2(scores - lse2[:, None])
+        if MASKED:
+            keep = cols[None, :] < seqlen_k
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q))
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(mma_operand(ds, DOT_DTYPE, UPCAST), k, dq, input_precision="ieee")
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq
+
+
+@triton.autotune(configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.PRUNE)
+@triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut, LSE, Delta, DQ,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    num_heads_q, group_size, seqlen_q, seqlen_k, softmax_scale, qk_scale,
+    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid ``(cdiv(Sq, BLOCK_M), B * Hq)``."""
+    DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
+    start_m = tl.program_id(0) * BLOCK_M
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_heads_q
+    head = batch_head % num_heads_q
+    head_kv = head // group_size
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_d = offs_d < HEAD_DIM
+    mask_dv = offs_dv < HEAD_DIM_V
+    rows = offs_m[:, None].to(tl.int64)
+    row_mask = offs_m < seqlen_q
+
+    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + rows * stride_qm
+                + offs_d[None, :], mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+    do = tl.load(DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + rows * stride_dom
+                 + offs_dv[None, :], mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
+    row_stats = batch_head.to(tl.int64) * seqlen_q
+    lse2, delta = _load_row_stats(LSE + row_stats, Delta + row_stats, offs_m, row_mask, True)
+    q = mma_operand(q, DOT_DTYPE, UPCAST)
+    do = mma_operand(do, DOT_DTYPE, UPCAST)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_ptrs = (K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
+              + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :])
+    v_ptrs = (V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
+              + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :])
+    full_end, end = key_blocks_for_queries(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, mask_d, mask_dv,
+        start_m * 0, full_end, seqlen_q, seqlen_k, qk_scale,
+        BLOCK_N, False, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, mask_d, mask_dv,
+        full_end, end, seqlen_q, seqlen_k, qk_scale,
+        BLOCK_N, True, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+
+    dq = dq * softmax_scale
+    tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + rows * stride_dqm
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask[:, None] & mask_d[None, :])
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    causal: bool, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the three backward kernels.
+
+    Args:
+        dout: ``(B, Hq, Sq, Dv)`` gradient of the output, contiguous last dim, any other strides.
+        q, k, v, out, lse: as saved by ``attention_forward``.
+        causal, softmax_scale: as in the forward.
+
+    Returns:
+        ``dq, dk, dv`` with the shapes, dtypes and memory layouts of ``q, k, v``.
+    """
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if batch * heads_q == 0:
+        return dq, dk, dv
+    delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    block_dv = configs.padded_head_dim(head_dim_v)
+    if seqlen_q > 0:
+        block_m = configs.PREPROCESS_BLOCK_M
+        _attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, block_m), batch * heads_q)](
+            out, dout, delta,
+            out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            heads_q, seqlen_q,
+            HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, BLOCK_M=block_m,
+        )
+
+    shared = dict(
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_D=configs.padded_head_dim(head_dim), BLOCK_DV=block_dv,
+        IS_CAUSAL=causal, UPCAST=interpreter_upcast(q.dtype),
+    )
+    sizes = (heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, softmax_scale, softmax_scale * LOG2E,
+             configs.length_bucket(seqlen_q), configs.length_bucket(seqlen_k))
+    input_strides = (
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+    )
+    if seqlen_k > 0:
+        def dkdv_grid(meta):
+            return (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)
+
+        _attn_bwd_dkdv_kernel[dkdv_grid](
+            q, k, v, dout, lse, delta, dk, dv, *input_strides,
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            *sizes, **shared,
+        )
+    if seqlen_q > 0:
+        def dq_grid(meta):
+            return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)
+
+        _attn_bwd_dq_kernel[dq_grid](
+            q, k, v, dout, lse, delta, dq, *input_strides,
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            *sizes, **shared,
+        )
+    return dq, dk, dv

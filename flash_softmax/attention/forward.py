@@ -1,0 +1,171 @@
+"""Attention forward: a tiled online softmax that never materialises the Sq x Sk score matrix.
+
+One program owns BLOCK_M query rows of one (batch, query head). It loads its Q tile once, walks the
+K/V tiles of the matching key/value head, and keeps per row the running max ``m`` and running sum ``l``
+of ``exp2(s - m)`` (scores in base 2: log2(e) is folded into the scale) next to a float32 accumulator
+that is rescaled whenever the max grows. At the end it writes ``O = acc / l`` and the natural-log
+``lse = (m + log2 l) * ln 2`` that the backward uses to recompute P.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flash_softmax._backend import INTERPRETED
+from flash_softmax.attention import configs
+from flash_softmax.attention.common import LN2_CONSTEXPR, LOG2E, key_blocks_for_queries, load_tile, mma_operand
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, m_i, l_i, q,
+    k_ptrs, v_ptrs, stride_kn, stride_vn,
+    offs_m, offs_n, mask_d, mask_dv,
+    start_n, end_n, seqlen_q, seqlen_k, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Fold keys ``[start_n, end_n)`` into ``(acc, m_i, l_i)``; ``MASKED`` blocks apply bounds and causality."""
+    k_ptrs += start_n.to(tl.int64) * stride_kn
+    v_ptrs += start_n.to(tl.int64) * stride_vn
+    for block_start in range(start_n, end_n, BLOCK_N):
+        cols = block_start + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(cols[None, :] < seqlen_k) & mask_d[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & mask_dv[None, :], other=0.0)
+        else:
+            k = load_tile(k_ptrs, mask_d[:, None], PAD_D)
+            v = load_tile(v_ptrs, mask_dv[None, :], PAD_DV)
+        scores = tl.dot(q, mma_operand(k, DOT_DTYPE, UPCAST), input_precision="ieee") * qk_scale
+        if MASKED:
+            keep = cols[None, :] < seqlen_k
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q))
+            scores = tl.where(keep, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # A row that has seen no key yet keeps m = -inf; subtracting 0 there avoids (-inf) - (-inf) = NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(scores - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(mma_operand(p, DOT_DTYPE, UPCAST), mma_operand(v, DOT_DTYPE, UPCAST), acc,
+                     input_precision="ieee")
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=configs.forward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.PRUNE)
+@triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
+def _attn_fwd_kernel(
+    Q, K, V, Out, LSE,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    num_heads_q, group_size, seqlen_q, seqlen_k, qk_scale,
+    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid ``(cdiv(Sq, BLOCK_M), B * Hq)``. Last dims are contiguous; every other stride is passed."""
+    DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
+    start_m = tl.program_id(0) * BLOCK_M
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_heads_q
+    head = batch_head % num_heads_q
+    head_kv = head // group_size  # grouped-query attention reads its group's K/V head in place
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_d = offs_d < HEAD_DIM
+    mask_dv = offs_dv < HEAD_DIM_V
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
+
+    # 64-bit offsets: B * H * S * D may exceed 2**31 elements.
+    q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
+    k_ptrs = (K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
+              + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None])
+    v_ptrs = (V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
+              + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :])
+
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & mask_d[None, :], other=0.0)
+    q = mma_operand(q, DOT_DTYPE, UPCAST)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    full_end, end = key_blocks_for_queries(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    acc, m_i, l_i = _attn_fwd_inner(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, mask_d, mask_dv,
+        start_m * 0, full_end, seqlen_q, seqlen_k, qk_scale,
+        BLOCK_N, False, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+    acc, m_i, l_i = _attn_fwd_inner(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, mask_d, mask_dv,
+        full_end, end, seqlen_q, seqlen_k, qk_scale,
+        BLOCK_N, True, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+
+    # A row that saw no key has l = 0: its output is 0 and its lse -inf, never NaN.
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_i)) * LN2_CONSTEXPR)
+
+    row_ok = offs_m < seqlen_q
+    o_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & mask_dv[None, :])
+    tl.store(LSE + batch_head.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
+
+
+def interpreter_upcast(dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` operands must be widened to float32 (bfloat16 under the interpreter)."""
+    return INTERPRETED and dtype == torch.bfloat16
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        q: ``(B, Hq, Sq, D)``, k: ``(B, Hkv, Sk, D)``, v: ``(B, Hkv, Sk, Dv)``, all with a contiguous last dim.
+        causal: bottom-right aligned causal mask.
+        softmax_scale: multiplies ``q @ k.T`` before the softmax.
+
+    Returns:
+        ``out (B, Hq, Sq, Dv)`` in q's dtype, and ``lse (B, Hq, Sq)`` float32 (natural log, -inf for a row
+        that sees no key).
+    """
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty((batch, heads_q, seqlen_q, head_dim_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+
+    def grid(meta):
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)
+
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, softmax_scale * LOG2E,
+        configs.length_bucket(seqlen_q), configs.length_bucket(seqlen_k),
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_D=configs.padded_head_dim(head_dim), BLOCK_DV=configs.padded_head_dim(head_dim_v),
+        IS_CAUSAL=causal, UPCAST=interpreter_upcast(q.dtype),
+    )
+    return out, lse
