@@ -7,5 +7,6 @@
 
 from flash_softmax import reference, testing
 from flash_softmax.attention import FlashAttention, flash_attention
+from flash_softmax.softmax import LogSoftmax, Softmax, log_softmax, softmax
 
 __version__ = "0.1.0"

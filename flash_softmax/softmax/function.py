@@ -1,0 +1,121 @@
+"""Public functionals ``softmax`` / ``log_softmax`` and the autograd Functions behind them.
+
+Calls go one way: ``softmax`` (checks, defaults) -> ``SoftmaxFunction`` (allocates, saves y) ->
+``softmax_forward`` / ``softmax_backward`` (layout, grid, config) -> the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from flash_softmax._backend import backend_for
+from flash_softmax.softmax.backward import softmax_backward
+from flash_softmax.softmax.forward import softmax_forward
+
+__all__ = ["softmax", "log_softmax", "SoftmaxFunction", "LogSoftmaxFunction"]
+
+#: dtypes the kernels compute (in float32) and return. float64 is refused rather than silently computed
+#: in float32; torch.softmax serves it exactly.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """softmax along ``dim`` (normalised); backward ``dx = y * (dy - rowsum(dy * y))`` from y alone."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        y = softmax_forward(x, dim, log=False)
+        ctx.save_for_backward(y)
+        ctx.dim = dim
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        return softmax_backward(y, dy, ctx.dim, log=False), None
+
+
+class LogSoftmaxFunction(torch.autograd.Function):
+    """log_softmax along ``dim`` (normalised); backward ``dx = dy - exp(y) * rowsum(dy)`` from y alone."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        y = softmax_forward(x, dim, log=True)
+        ctx.save_for_backward(y)
+        ctx.dim = dim
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        return softmax_backward(y, dy, ctx.dim, log=True), None
+
+
+def _checked_dim(x: object, dim: object, function: str) -> int:
+    """Validate the arguments of ``function`` and return ``dim`` normalised to ``0 <= dim < max(ndim, 1)``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{function}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{function}: x must have dtype float16, bfloat16 or float32, got {x.dtype}"
+            + (" (use torch.softmax / torch.log_softmax for float64)" if x.dtype == torch.float64 else "")
+        )
+    if isinstance(dim, bool):
+        raise TypeError(f"{function}: dim must be an int, got bool ({dim})")
+    try:
+        dim = operator.index(dim)
+    except TypeError:
+        raise TypeError(f"{function}: dim must be an int, got {type(dim).__name__} ({dim!r})") from None
+    # Like torch, a 0-d tensor behaves as a 1-d tensor of one element for the range of dim.
+    rank = max(x.dim(), 1)
+    if not -rank <= dim < rank:
+        raise ValueError(
+            f"{function}: dim must be in [{-rank}, {rank - 1}] for a tensor of shape {tuple(x.shape)}, got {dim}"
+        )
+    return dim % rank
+
+
+def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``torch.softmax(x, dim)`` by the fused Triton kernels.
+
+    Args:
+        x: float16, bfloat16 or float32 tensor of any shape (0-d and empty included) and any strides.
+        dim: the dim to normalise over; negative values count from the end.
+
+    Returns:
+        ``exp(x) / sum(exp(x))`` along ``dim``, x's shape and dtype, computed in float32. Special values
+        follow torch: a row that is all ``-inf``, or holds ``+inf`` or NaN, is NaN; a ``-inf`` entry in an
+        otherwise finite row gives 0. Differentiable; the backward keeps only the output.
+
+    CUDA tensors run the compiled kernels, CPU tensors the same kernels in Triton's interpreter when
+    ``TRITON_INTERPRET=1``; anywhere else the result is ``torch.softmax``'s.
+    """
+    dim = _checked_dim(x, dim, "softmax")
+    if backend_for(x.device) == "torch":
+        return torch.softmax(x, dim)
+    return SoftmaxFunction.apply(x, dim)
+
+
+def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``torch.log_softmax(x, dim)`` by the fused Triton kernels.
+
+    Args:
+        x: float16, bfloat16 or float32 tensor of any shape (0-d and empty included) and any strides.
+        dim: the dim to normalise over; negative values count from the end.
+
+    Returns:
+        ``x - log(sum(exp(x)))`` along ``dim``, x's shape and dtype, computed in float32. Special values
+        follow torch: a row that is all ``-inf``, or holds ``+inf`` or NaN, is NaN; a ``-inf`` entry in an
+        otherwise finite row stays ``-inf``. Differentiable; the backward keeps only the output.
+
+    Runs where ``softmax`` runs.
+    """
+    dim = _checked_dim(x, dim, "log_softmax")
+    if backend_for(x.device) == "torch":
+        return torch.log_softmax(x, dim)
+    return LogSoftmaxFunction.apply(x, dim)
