@@ -22,6 +22,7 @@ from flash_softmax.attention import configs
 from flash_softmax.attention.common import (
     LOG2E,
     LOG2E_CONSTEXPR,
+    block_and_head,
     key_blocks_for_queries,
     load_tile,
     mma_operand,
@@ -38,11 +39,11 @@ def _attn_bwd_preprocess_kernel(
     num_heads_q, seqlen_q,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sq, BLOCK_M), B * Hq)``: ``delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d]``."""
-    batch_head = tl.program_id(1)
+    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``: ``delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d]``."""
+    block_m, batch_head = block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
     batch = batch_head // num_heads_q
     head = batch_head % num_heads_q
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
     rows = offs_m[:, None].to(tl.int64)
@@ -125,13 +126,13 @@ def _attn_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sk, BLOCK_N), B * Hkv)``. Sums over the ``group_size`` query heads of the K/V head in a
+    """Grid ``(cdiv(Sk, BLOCK_N) * B * Hkv,)``. Sums over the ``group_size`` query heads of the K/V head in a
     fixed order inside the program, so grouped-query gradients need no atomics either."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
-    start_n = tl.program_id(0) * BLOCK_N
-    batch_head_kv = tl.program_id(1)
+    block_n, batch_head_kv = block_and_head(tl.cdiv(seqlen_k, BLOCK_N))
+    start_n = block_n * BLOCK_N
     num_heads_kv = num_heads_q // group_size
     batch = batch_head_kv // num_heads_kv
     head_kv = batch_head_kv % num_heads_kv
@@ -241,12 +242,12 @@ def _attn_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sq, BLOCK_M), B * Hq)``."""
+    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
-    start_m = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
+    block_m, batch_head = block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
+    start_m = block_m * BLOCK_M
     batch = batch_head // num_heads_q
     head = batch_head % num_heads_q
     head_kv = head // group_size
@@ -314,7 +315,7 @@ def attention_backward(
     block_dv = configs.padded_head_dim(head_dim_v)
     if seqlen_q > 0:
         block_m = configs.PREPROCESS_BLOCK_M
-        _attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, block_m), batch * heads_q)](
+        _attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, block_m) * batch * heads_q,)](
             out, dout, delta,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
@@ -337,7 +338,7 @@ def attention_backward(
     )
     if seqlen_k > 0:
         def dkdv_grid(meta):
-            return (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)
+            return (triton.cdiv(seqlen_k, meta["BLOCK_N"]) * batch * heads_kv,)
 
         _attn_bwd_dkdv_kernel[dkdv_grid](
             q, k, v, dout, lse, delta, dk, dv, *input_strides,
@@ -347,7 +348,7 @@ def attention_backward(
         )
     if seqlen_q > 0:
         def dq_grid(meta):
-            return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)
+            return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * heads_q,)
 
         _attn_bwd_dq_kernel[dq_grid](
             q, k, v, dout, lse, delta, dq, *input_strides,

@@ -30,6 +30,17 @@ def mma_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def block_and_head(num_blocks):
+    """Split the 1-D program id into ``(block index, batch * head index)``, the block index varying fastest.
+
+    A flat grid has no 65535 limit on the number of heads, and consecutive programs share one head, so
+    its K/V tiles stay hot in L2.
+    """
+    pid = tl.program_id(0)
+    return pid % num_blocks, pid // num_blocks
+
+
+@triton.jit
 def load_tile(ptrs, mask, MASKED: tl.constexpr):
     """Load a tile, masked (zeros outside) only when ``MASKED``: the unmasked load is the fast path."""
     if MASKED:

@@ -15,7 +15,14 @@ import triton.language as tl
 
 from flash_softmax._backend import INTERPRETED
 from flash_softmax.attention import configs
-from flash_softmax.attention.common import LN2_CONSTEXPR, LOG2E, key_blocks_for_queries, load_tile, mma_operand
+from flash_softmax.attention.common import (
+    LN2_CONSTEXPR,
+    LOG2E,
+    block_and_head,
+    key_blocks_for_queries,
+    load_tile,
+    mma_operand,
+)
 
 
 @triton.jit
@@ -73,10 +80,10 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sq, BLOCK_M), B * Hq)``. Last dims are contiguous; every other stride is passed."""
+    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``. Last dims are contiguous; every other stride is passed."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
-    start_m = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
+    block_m, batch_head = block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
+    start_m = block_m * BLOCK_M
     batch = batch_head // num_heads_q
     head = batch_head % num_heads_q
     head_kv = head // group_size  # grouped-query attention reads its group's K/V head in place
@@ -117,8 +124,9 @@ def _attn_fwd_kernel(
 
     # A row that saw no key has l = 0: its output is 0 and its lse -inf, never NaN.
     empty_row = l_i == 0.0
-    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
-    lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_i)) * LN2_CONSTEXPR)
+    l_safe = tl.where(empty_row, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2_CONSTEXPR)
 
     row_ok = offs_m < seqlen_q
     o_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
@@ -154,7 +162,7 @@ def attention_forward(
         return out, lse
 
     def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q)
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * heads_q,)
 
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
