@@ -1,0 +1,144 @@
+"""``flash-softmax bench --op attention``: a sequence-length sweep over attention providers.
+
+By default every configuration holds the token budget fixed, as in the FlashAttention papers:
+``batch * seqlen = 16k`` tokens and ``heads * head_dim = 2048`` hidden, so the work per token stays
+comparable across lengths. ``--batch`` / ``--heads`` fix either instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from flash_softmax.bench.providers import Provider
+from flash_softmax.bench.sweep import Result, run_sweep
+
+TOKENS = 16 * 1024
+HIDDEN = 2048
+MODES = ("fwd", "bwd", "fwd_bwd")
+#: Backward does about 2.5x the forward's matmul work (five matmuls instead of two).
+BACKWARD_FLOP_FACTOR = 2.5
+
+GPU_DEFAULTS = {"seqlens": [512, 1024, 2048, 4096, 8192, 16384], "head_dims": [64, 128],
+                "dtypes": ["bfloat16", "float16"], "batch": None, "heads": None}
+# The interpreter runs every program of a kernel one after another in numpy: keep it tiny.
+CPU_DEFAULTS = {"seqlens": [64, 128], "head_dims": [32], "dtypes": ["float16"], "batch": 1, "heads": 2}
+
+CSV_COLUMNS = ("provider", "mode", "causal", "dtype", "batch", "heads", "seqlen_q", "seqlen_k", "head_dim",
+               "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", "status")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One attention problem and what is timed of it."""
+
+    mode: str
+    causal: bool
+    dtype: str
+    batch: int
+    heads: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+
+    def kept_pairs(self) -> int:
+        """(query, key) pairs the softmax sees: all of them, or exactly those a bottom-right causal mask keeps."""
+        if not self.causal:
+            return self.seqlen_q * self.seqlen_k
+        # Query i sees keys 0 .. i + Sk - Sq, clipped to [0, Sk].
+        visible = torch.arange(self.seqlen_q, dtype=torch.int64) + (self.seqlen_k - self.seqlen_q + 1)
+        return int(visible.clamp(0, self.seqlen_k).sum())
+
+    def flops(self) -> float:
+        """Matmul FLOPs: forward 4*B*H*pairs*D; backward 2.5x, forward+backward 3.5x of that."""
+        forward = 4.0 * self.batch * self.heads * self.kept_pairs() * self.head_dim
+        return forward * {"fwd": 1.0, "bwd": BACKWARD_FLOP_FACTOR, "fwd_bwd": 1.0 + BACKWARD_FLOP_FACTOR}[self.mode]
+
+
+def record(result: Result) -> dict[str, object]:
+    """The CSV row of one result (also what the table and plots read)."""
+    config, timing = result.config, result.measurement.timing
+    return {
+        "provider": result.provider, **asdict(config),
+        "ms_median": timing.median if timing else None,
+        "ms_p20": timing.p20 if timing else None,
+        "ms_p80": timing.p80 if timing else None,
+        "tflops": config.flops() / (timing.median * 1e-3) / 1e12 if timing else None,
+        "peak_mem_mib": result.measurement.peak_mem_mib,
+        "status": result.measurement.status,
+    }
+
+
+def resolve_sweep(args, on_gpu: bool) -> dict[str, object]:
+    """The sweep's axes: each flag given, else the device's default."""
+    defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+    return {
+        "seqlens": args.seqlens or defaults["seqlens"],
+        "head_dims": args.head_dims or defaults["head_dims"],
+        "dtypes": args.dtypes or defaults["dtypes"],
+        "causal": list(dict.fromkeys(args.causal)) if args.causal else [False, True],
+        "modes": list(dict.fromkeys(args.modes)) if args.modes else list(MODES),
+        "batch": args.batch or defaults["batch"],
+        "heads": args.heads or defaults["heads"],
+    }
+
+
+def configurations(sweep: dict[str, object]) -> list[AttentionConfig]:
+    """Every configuration of the sweep, grouped so that those sharing inputs are adjacent."""
+    configs = []
+    for dtype in sweep["dtypes"]:
+        for head_dim in sweep["head_dims"]:
+            for causal in sweep["causal"]:
+                for seqlen in sweep["seqlens"]:
+                    batch = sweep["batch"] or max(1, TOKENS // seqlen)
+                    heads = sweep["heads"] or max(1, HIDDEN // head_dim)
+                    for mode in sweep["modes"]:
+                        configs.append(AttentionConfig(mode, causal, dtype, batch, heads, seqlen, seqlen, head_dim))
+    return configs
+
+
+def make_inputs(config: AttentionConfig, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random normal q, k, v and dout (never zeros, which would make some kernels look faster)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    dtype = getattr(torch, config.dtype)
+
+    def normal(seqlen: int) -> torch.Tensor:
+        shape = (config.batch, config.heads, seqlen, config.head_dim)
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    return normal(config.seqlen_q), normal(config.seqlen_k), normal(config.seqlen_k), normal(config.seqlen_q)
+
+
+def call_for_mode(config: AttentionConfig, provider: Provider, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
+    """What is timed: the forward; the backward alone (its forward runs once, here, untimed); or both."""
+    q, k, v, dout = inputs
+    needs_grad = config.mode != "fwd"
+    q, k, v = (tensor.detach().requires_grad_(needs_grad) for tensor in (q, k, v))
+    forward = provider.build(config, q, k, v)
+    if config.mode == "fwd":
+        return forward
+    if config.mode == "bwd":
+        out = forward()
+        # The graph is kept so that the backward can be replayed for every timed repetition.
+        return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    return lambda: torch.autograd.grad(forward(), (q, k, v), dout)
+
+
+def inputs_key(config: AttentionConfig) -> tuple:
+    """Configurations that differ only in mode share inputs."""
+    return (config.causal, config.dtype, config.batch, config.heads, config.seqlen_q, config.seqlen_k,
+            config.head_dim)
+
+
+def sweep(
+    configs: list[AttentionConfig],
+    providers: list[Provider],
+    device: torch.device,
+    on_result: Callable[[Result], None] = lambda result: None,
+) -> list[Result]:
+    """Measure every provider on every configuration (see :func:`~flash_softmax.bench.sweep.run_sweep`)."""
+    return run_sweep(configs, providers, device, inputs_key=inputs_key,
+                     make_inputs=lambda config: make_inputs(config, device), call_for_mode=call_for_mode,
+                     on_result=on_result)

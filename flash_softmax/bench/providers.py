@@ -1,0 +1,187 @@
+"""The implementations ``flash-softmax bench`` times, by name.
+
+A provider turns a configuration and its input tensors into a forward callable. The sweep times every
+provider on the very same tensors, in one process. A provider that cannot run a configuration raises
+:class:`Unsupported` (from ``build`` or from the first call), which becomes a row with status
+``unsupported`` instead of an error.
+
+The registries :data:`ATTENTION_PROVIDERS` and :data:`SOFTMAX_PROVIDERS` are looked up at run time, so
+a provider added to them is benchmarked like the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class Unsupported(Exception):
+    """The provider cannot run this configuration on this device (not a failure of the provider)."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation under test.
+
+    Attributes:
+        name: the name used by ``--providers`` and in the CSV.
+        build: ``build(config, *inputs) -> forward`` where ``forward()`` returns the output. Attention
+            gets ``(q, k, v)`` of shape ``(B, H, S, D)``, softmax gets ``(x,)``; ``config`` is the
+            benchmark's configuration (``causal``, ``seqlen_q``, ... for attention).
+        context: a context manager factory entered around the warm-up and all timed calls, e.g. to force
+            an SDPA backend, so that entering it is not timed.
+        on_cpu: whether the provider is part of the default set on a CPU-only machine.
+    """
+
+    name: str
+    build: Callable[..., Callable[[], torch.Tensor]]
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = field(default=contextlib.nullcontext)
+    on_cpu: bool = True
+
+
+def _flash_softmax_attention(config, q, k, v):
+    import flash_softmax as fs
+
+    return lambda: fs.flash_attention(q, k, v, causal=config.causal)
+
+
+# Messages torch raises when the forced SDPA backend cannot take the inputs (CUDA and CPU builds word it
+# differently); they mean "unsupported", not "broken".
+_SDPA_NO_KERNEL = ("No available kernel", "No viable backend")
+
+
+def _sdpa_builder(backend_name: str):
+    def build(config, q, k, v):
+        if config.causal and config.seqlen_q != config.seqlen_k:
+            # SDPA's is_causal is aligned to the top-left corner, ours to the bottom-right: they only agree
+            # for square score matrices.
+            raise Unsupported("SDPA's is_causal is top-left aligned; differs from bottom-right when Sq != Sk")
+
+        def forward():
+            try:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=config.causal)
+            except RuntimeError as error:
+                if any(message in str(error) for message in _SDPA_NO_KERNEL):
+                    raise Unsupported(f"SDPA backend {backend_name} cannot run these inputs") from None
+                raise
+
+        return forward
+
+    return build
+
+
+def _sdpa_context(backend_name: str):
+    def context():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(getattr(SDPBackend, backend_name))
+
+    return context
+
+
+_compiled_flex_attention = None
+
+
+def _flex_attention_compiled():
+    """``flex_attention`` under ``torch.compile``, compiled once per process (and per shape by dynamo)."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        import torch._dynamo
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # Every shape of the sweep is a new graph; past the default limit of 8 recompilations dynamo
+        # would silently run flex_attention eagerly, and the timings would no longer be FlexAttention's.
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 1024))
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention
+
+
+def _flex_attention(config, q, k, v):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+    except ImportError:
+        raise Unsupported(f"torch {torch.__version__} has no FlexAttention") from None
+    flex_attention = _flex_attention_compiled()
+    block_mask = None
+    if config.causal:
+        offset = config.seqlen_k - config.seqlen_q
+
+        def bottom_right_causal(batch, head, q_index, kv_index):
+            return kv_index <= q_index + offset
+
+        block_mask = create_block_mask(
+            bottom_right_causal, None, None, config.seqlen_q, config.seqlen_k, device=q.device
+        )
+
+    def forward():
+        try:
+            return flex_attention(q, k, v, block_mask=block_mask)
+        except NotImplementedError as error:
+            # FlexAttention's own word for inputs it does not handle, e.g. a backward on the CPU.
+            raise Unsupported(f"FlexAttention: {error}") from None
+
+    return forward
+
+
+def _naive_attention(config, q, k, v):
+    from flash_softmax import reference
+
+    return lambda: reference.attention(q, k, v, causal=config.causal, upcast=False)
+
+
+#: Attention providers by name, in the order they appear in tables and plots.
+ATTENTION_PROVIDERS: dict[str, Provider] = {
+    provider.name: provider
+    for provider in (
+        Provider("flash_softmax", _flash_softmax_attention),
+        Provider("sdpa_flash", _sdpa_builder("FLASH_ATTENTION"), _sdpa_context("FLASH_ATTENTION")),
+        Provider("sdpa_cudnn", _sdpa_builder("CUDNN_ATTENTION"), _sdpa_context("CUDNN_ATTENTION"), on_cpu=False),
+        Provider("sdpa_efficient", _sdpa_builder("EFFICIENT_ATTENTION"), _sdpa_context("EFFICIENT_ATTENTION"),
+                 on_cpu=False),
+        Provider("sdpa_math", _sdpa_builder("MATH"), _sdpa_context("MATH")),
+        # Compiling FlexAttention for the CPU takes about half a minute per shape: asked for, not default.
+        Provider("flex", _flex_attention, on_cpu=False),
+        Provider("naive", _naive_attention),
+    )
+}
+
+
+def _flash_softmax_softmax(config, x):
+    import flash_softmax as fs
+
+    return lambda: fs.softmax(x, dim=-1)
+
+
+def _torch_softmax(config, x):
+    return lambda: torch.softmax(x, dim=-1)
+
+
+#: Softmax providers by name.
+SOFTMAX_PROVIDERS: dict[str, Provider] = {
+    provider.name: provider
+    for provider in (
+        Provider("flash_softmax", _flash_softmax_softmax),
+        Provider("torch", _torch_softmax),
+    )
+}
+
+
+def select(registry: dict[str, Provider], names: list[str] | None, on_gpu: bool) -> list[Provider]:
+    """The providers named by ``--providers``, or the default set for the device.
+
+    Raises:
+        ValueError: a name that is not in ``registry``.
+    """
+    if names is None:
+        return [provider for provider in registry.values() if on_gpu or provider.on_cpu]
+    unknown = [name for name in names if name not in registry]
+    if unknown:
+        raise ValueError(f"--providers: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(registry)}")
+    return [registry[name] for name in dict.fromkeys(names)]

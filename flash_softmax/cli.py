@@ -1,0 +1,161 @@
+"""The ``flash-softmax`` command line (SPEC section 5): ``verify``, ``bench`` and ``info``.
+
+This module only parses arguments; the work lives in :mod:`flash_softmax.verify`,
+:mod:`flash_softmax.bench` and :mod:`flash_softmax.info`. Those are imported lazily, after deciding
+how Triton runs: ``@triton.jit`` chooses compiled or interpreted kernels when the package is imported,
+so on a machine without a GPU ``TRITON_INTERPRET=1`` has to be in the environment before anything
+imports triton. That is why this module imports torch only, and not ``flash_softmax`` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+
+import torch
+
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+ATTENTION_MODES = ("fwd", "bwd", "fwd_bwd")
+
+_TRUE_WORDS = {"true", "on", "yes", "1"}
+_FALSE_WORDS = {"false", "off", "no", "0"}
+
+CPU_BANNER = (
+    "No CUDA GPU found: the kernels run in Triton's interpreter on the CPU (TRITON_INTERPRET=1), on tiny\n"
+    "sizes only. Timings from this machine say nothing about GPU speed."
+)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse prefixes the flag's name to the message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _boolean(text: str) -> bool:
+    """argparse type: true/false (also on/off, yes/no, 1/0)."""
+    word = text.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_shape_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``verify`` and ``bench``; None means "the default for this device"."""
+    parser.add_argument("--seqlens", type=_positive_int, nargs="+", metavar="N",
+                        help="sequence lengths (seqlen_q = seqlen_k) of the attention sweep")
+    parser.add_argument("--head-dims", type=_positive_int, nargs="+", metavar="D", help="attention head dims")
+    parser.add_argument("--causal", type=_boolean, nargs="+", metavar="BOOL",
+                        help="causal settings to run, e.g. --causal false true")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, metavar="DTYPE",
+                        help=f"dtypes to run, some of {', '.join(DTYPE_NAMES)}")
+    parser.add_argument("--batch", type=_positive_int, help="fix the batch size instead of the default")
+    parser.add_argument("--heads", type=_positive_int, help="fix the number of heads instead of the default")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``flash-softmax`` with its three subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="flash-softmax",
+        description="Check and benchmark the flash_softmax attention and softmax kernels.",
+        epilog="Without a CUDA GPU everything runs in Triton's CPU interpreter, on tiny sizes.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{verify,bench,info}")
+
+    verify = commands.add_parser(
+        "verify",
+        help="compare the kernels with the reference over a grid of cases; exit 1 on any failure",
+        description="Run the kernels against the float64 reference (SPEC section 7) and print one line "
+        "per case. Exits 1 if any case fails or raises, 0 otherwise.",
+    )
+    size = verify.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="grid", action="store_const", const="quick",
+                      help="a small grid of boundary cases (the default without a GPU)")
+    size.add_argument("--full", dest="grid", action="store_const", const="full",
+                      help="the full grid: every length x head dim x causal x dtype (the default on a GPU)")
+    _add_shape_flags(verify)
+    verify.add_argument("--ops", nargs="+", choices=("attention", "softmax"), default=["attention", "softmax"],
+                        help="which ops to verify (default: both)")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+
+    bench = commands.add_parser(
+        "bench",
+        help="time the kernels against other providers; write CSV, env.json and PNG plots",
+        description="Sweep shapes over providers, print a table and write <op>.csv, env.json and plots to "
+        "benchmarks/results/<device>/ (or --out).",
+    )
+    bench.add_argument("--op", choices=("attention", "softmax"), default="attention", help="which op to time")
+    _add_shape_flags(bench)
+    bench.add_argument("--modes", nargs="+", choices=ATTENTION_MODES, metavar="MODE",
+                       help="fwd, bwd (backward only) and/or fwd_bwd")
+    bench.add_argument("--providers", nargs="+", metavar="NAME", help="providers to time (default: all that fit)")
+    bench.add_argument("--cols", type=_positive_int, nargs="+", metavar="N", help="softmax row lengths (--op softmax)")
+    bench.add_argument("--rows", type=_positive_int, help="fix the softmax row count (--op softmax)")
+    bench.add_argument("--out", metavar="DIR", help="output folder (default benchmarks/results/<device-slug>)")
+    bench.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+
+    commands.add_parser("info", help="versions, device and the backend each path uses",
+                        description="Print versions, the device, and which backend each path will use.")
+    return parser
+
+
+def _prepare_triton(argv: list[str], restart_allowed: bool) -> bool:
+    """Put Triton in interpreter mode when there is no GPU; return whether a CUDA GPU is present.
+
+    An explicit ``TRITON_INTERPRET`` in the environment is respected. The switch only takes effect for
+    kernels decorated after it is set, and importing ``flash_softmax.cli`` runs the package's
+    ``__init__`` first, which may already have built them. So when triton is already loaded and this is
+    the real entry point, the process restarts itself once with the variable set.
+    """
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and "TRITON_INTERPRET" not in os.environ:
+        triton_already_loaded = "triton" in sys.modules
+        os.environ["TRITON_INTERPRET"] = "1"
+        if triton_already_loaded and restart_allowed:
+            sys.stdout.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "flash_softmax", *argv])
+    return on_gpu
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``flash-softmax`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    Called with an explicit ``argv`` (in-process use, tests), it never restarts the process: set
+    ``TRITON_INTERPRET=1`` before importing triton there.
+    """
+    from_entry_point = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    on_gpu = _prepare_triton(argv, restart_allowed=from_entry_point)
+    if not on_gpu:
+        print(CPU_BANNER, flush=True)
+    command_line = shlex.join(["flash-softmax", *argv])
+    try:
+        if args.command == "verify":
+            from flash_softmax import verify
+
+            return verify.run(args, on_gpu=on_gpu)
+        if args.command == "bench":
+            from flash_softmax import bench
+
+            return bench.run(args, on_gpu=on_gpu, command_line=command_line)
+        from flash_softmax import info
+
+        return info.run()
+    except ValueError as error:
+        print(f"flash-softmax {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""``flash-softmax info``: versions, the device, and which backend each path will use.
+
+The same facts, gathered by :func:`environment`, go into the ``env.json`` of every benchmark run so a
+result can always be traced to the machine and code that produced it. Nothing here records the host name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def device_name() -> str:
+    """The CUDA GPU's name, or ``"CPU only"``."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "CPU only"
+
+
+def device_slug() -> str:
+    """A folder name for the device: the GPU name lowercased with non-alphanumerics as '-'; CPU: ``interpreter``.
+
+    >>> # "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"
+    """
+    if not torch.cuda.is_available():
+        return "interpreter"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def _run_quietly(command: list[str], cwd: Path | None = None) -> str | None:
+    """stdout of ``command`` stripped, or None when it cannot run (tool missing, not a git checkout, ...)."""
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def gpu_driver_version() -> str | None:
+    """The NVIDIA driver version from ``nvidia-smi``, or None where there is none."""
+    if not torch.cuda.is_available():
+        return None
+    output = _run_quietly(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    return output.splitlines()[0].strip() if output else None
+
+
+def git_commit() -> dict[str, object] | None:
+    """The commit of the checkout the package runs from, and whether tracked files differ from it."""
+    commit = _run_quietly(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT)
+    if commit is None:
+        return None
+    changes = _run_quietly(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT)
+    return {"commit": commit, "modified": bool(changes)}
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of python and the libraries the kernels depend on."""
+    import numpy
+    import triton
+
+    import flash_softmax
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "numpy": numpy.__version__,
+        "flash_softmax": flash_softmax.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def backends() -> dict[str, str]:
+    """Which engine runs attention and softmax for tensors on each device present."""
+    from flash_softmax._backend import backend_for
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {device: backend_for(torch.device(device)) for device in devices}
+
+
+def environment(command_line: str | None = None) -> dict[str, object]:
+    """Everything ``env.json`` records about a run (no host name)."""
+    return {
+        "gpu": device_name() if torch.cuda.is_available() else None,
+        "driver": gpu_driver_version(),
+        **versions(),
+        "platform": platform.platform(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "backends": backends(),
+        "git": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line,
+    }
+
+
+def run() -> int:
+    """Print the report of ``flash-softmax info``; return the exit status (always 0)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="flash_softmax", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for name, version in versions().items():
+        table.add_row(name, str(version) if version else "-")
+    table.add_row("device", device_name())
+    table.add_row("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset"))
+    commit = git_commit()
+    if commit is not None:
+        table.add_row("git commit", commit["commit"] + (" (modified)" if commit["modified"] else ""))
+    for device, backend in backends().items():
+        table.add_row(f"attention, softmax on {device} tensors", backend)
+    console.print(table)
+    return 0

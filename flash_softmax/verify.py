@@ -1,0 +1,471 @@
+"""``flash-softmax verify``: the kernels against the reference over a grid of cases (SPEC section 7).
+
+Every case runs the kernel, the float64 truth and the reference computed in the input dtype
+(``upcast=False``) on the same random inputs, and judges the forward output, the lse and the input
+gradients with :func:`flash_softmax.testing.compare`: a low-precision result passes when its max error
+is at most 2x (outputs, lse) or 3x (gradients) the input-dtype reference's own error; float32 results
+must be within 1e-5 relative of the float64 truth.
+
+The cases are data: :data:`QUICK_ATTENTION` / :data:`FULL_ATTENTION_*` and the softmax lists below. A
+case may need an option the kernels gain later (sliding window, softcap, bias, grouped heads, a value
+head dim != D); such a case runs only where :func:`attention_features` finds the feature, and the
+report says which were left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from flash_softmax import reference
+from flash_softmax.testing import GRADIENT_FACTOR, OUTPUT_FACTOR, Comparison, compare
+
+#: The functions under test, looked up at every call. None means the package's own function
+#: (``flash_attention``, ``softmax``, ``log_softmax``); tests put a deliberately wrong one here to see
+#: ``verify`` fail.
+KERNELS: dict[str, Callable | None] = {"attention": None, "softmax": None, "log_softmax": None}
+
+_PACKAGE_FUNCTIONS = {"attention": "flash_attention", "softmax": "softmax", "log_softmax": "log_softmax"}
+
+
+def kernel(name: str) -> Callable:
+    """The function ``verify`` checks for ``name`` ("attention", "softmax" or "log_softmax")."""
+    chosen = KERNELS[name]
+    if chosen is not None:
+        return chosen
+    import flash_softmax
+
+    return getattr(flash_softmax, _PACKAGE_FUNCTIONS[name])
+
+
+# --------------------------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """One attention problem. Optional fields left at their defaults are not passed to the kernel."""
+
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    causal: bool
+    dtype: str
+    batch: int = 1
+    heads: int = 2
+    heads_kv: int | None = None  # fewer K/V heads than query heads: grouped-query attention
+    head_dim_v: int | None = None  # value head dim, when it differs from head_dim
+    window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    bias: str | None = None  # "float" (added to the scores) or "bool" (True = keep), shape (B, 1, Sq, Sk)
+
+    def requires(self) -> set[str]:
+        """Features beyond plain (causal) attention this case needs from the kernel."""
+        needed = set()
+        if self.window_size != (-1, -1):
+            needed.add("window_size")
+        if self.softcap > 0:
+            needed.add("softcap")
+        if self.bias is not None:
+            needed.add("attn_bias")
+        if self.heads_kv is not None and self.heads_kv != self.heads:
+            needed.add("gqa")
+        if self.head_dim_v is not None and self.head_dim_v != self.head_dim:
+            needed.add("head_dim_v")
+        return needed
+
+    @property
+    def label(self) -> str:
+        heads = f"H{self.heads}" + (f"/{self.heads_kv}" if "gqa" in self.requires() else "")
+        dims = f"D{self.head_dim}" + (f"/{self.head_dim_v}" if "head_dim_v" in self.requires() else "")
+        parts = [f"attention {self.dtype}", f"B{self.batch} {heads} Sq{self.seqlen_q} Sk{self.seqlen_k} {dims}"]
+        if self.causal:
+            parts.append("causal")
+        if "window_size" in self.requires():
+            parts.append(f"window={self.window_size}")
+        if self.softcap > 0:
+            parts.append(f"softcap={self.softcap:g}")
+        if self.bias is not None:
+            parts.append(f"{self.bias} bias")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class SoftmaxCase:
+    """One softmax or log_softmax problem; ``masked`` sets about a tenth of the inputs to -inf."""
+
+    op: str
+    shape: tuple[int, ...]
+    dim: int
+    dtype: str
+    masked: bool = False
+
+    def requires(self) -> set[str]:
+        return set()
+
+    @property
+    def label(self) -> str:
+        shape = "x".join(map(str, self.shape))
+        return f"{self.op} {self.dtype} {shape} dim={self.dim}" + (" with -inf" if self.masked else "")
+
+
+# (seqlen_q, seqlen_k, head_dim, causal, dtype): odd lengths on both sides of Sq == Sk and head dims that
+# are not powers of two, spread over the dtypes so that each dtype meets several of them. Small enough
+# for the interpreter (one to three seconds each).
+QUICK_ATTENTION = [
+    AttentionCase(1, 1, 16, False, "float16"),
+    AttentionCase(1, 239, 40, True, "bfloat16"),  # one query, bottom-right causal: it sees every key
+    AttentionCase(113, 203, 59, False, "float16"),
+    AttentionCase(113, 203, 64, True, "float32"),
+    AttentionCase(203, 113, 96, True, "bfloat16"),  # Sq > Sk: the first 90 rows see no key
+    AttentionCase(127, 513, 128, False, "bfloat16"),
+    AttentionCase(127, 513, 80, True, "float16"),
+    AttentionCase(64, 64, 256, True, "float32"),
+    AttentionCase(203, 113, 40, False, "float32"),
+    AttentionCase(127, 513, 16, True, "bfloat16"),
+    AttentionCase(113, 203, 256, False, "float16"),
+    AttentionCase(1, 239, 128, False, "float16"),
+    AttentionCase(65, 97, 80, False, "bfloat16", batch=2),
+]
+
+#: Cases that need features beyond plain attention; each runs only where the kernel has the feature.
+OPTION_ATTENTION = [
+    AttentionCase(113, 203, 64, False, "float16", window_size=(32, 8)),
+    AttentionCase(203, 113, 64, False, "bfloat16", window_size=(16, -1)),
+    AttentionCase(113, 203, 64, True, "float16", softcap=2.0),
+    AttentionCase(113, 203, 64, True, "bfloat16", bias="float"),
+    AttentionCase(113, 203, 40, False, "float16", bias="bool"),
+    AttentionCase(113, 203, 64, True, "float16", heads=4, heads_kv=2),
+    AttentionCase(113, 203, 64, False, "bfloat16", head_dim_v=40),
+]
+
+#: The GPU grid: every length pair x head dim x causal x dtype.
+FULL_ATTENTION_LENGTHS = [(1, 1), (1, 239), (113, 203), (203, 113), (127, 513), (1023, 1023), (2048, 1000)]
+FULL_ATTENTION_HEAD_DIMS = [16, 40, 59, 64, 80, 96, 128, 256]
+ALL_DTYPES = ["float16", "bfloat16", "float32"]
+
+
+def _softmax_cases(op: str, specs: Iterable[tuple]) -> list[SoftmaxCase]:
+    return [SoftmaxCase(op, *spec) for spec in specs]
+
+
+# (shape, dim, dtype[, masked]): a single element, one block per row, a dim that is not the last, and
+# rows longer than one block (the interpreter's single-block limit is 4096 columns, a GPU's 16384).
+QUICK_SOFTMAX = [
+    *_softmax_cases("softmax", [((1, 1), -1, "float16"), ((4, 1000), -1, "bfloat16"), ((3, 5, 7), 1, "float32"),
+                                ((2, 4099), -1, "float32"), ((8, 257), -1, "float16", True)]),
+    *_softmax_cases("log_softmax", [((4, 1000), -1, "float16"), ((2, 3, 130), 0, "bfloat16"),
+                                    ((3, 4099), -1, "float16"), ((8, 257), -1, "bfloat16", True)]),
+]
+FULL_SOFTMAX_SHAPES = [((1, 1), -1), ((4, 1000), -1), ((3, 5, 7), 1), ((2, 3, 130), 0), ((2, 4099), -1),
+                       ((2, 16385), -1), ((2, 70000), -1), ((1, 262145), -1)]
+
+
+def full_grids() -> tuple[list[AttentionCase], list[SoftmaxCase]]:
+    """The large grid, meant for a GPU."""
+    attention = [
+        AttentionCase(seqlen_q, seqlen_k, head_dim, causal, dtype)
+        for (seqlen_q, seqlen_k), head_dim, causal, dtype in itertools.product(
+            FULL_ATTENTION_LENGTHS, FULL_ATTENTION_HEAD_DIMS, (False, True), ALL_DTYPES)
+    ]
+    attention += [replace(case, dtype=dtype) for case in OPTION_ATTENTION for dtype in ALL_DTYPES]
+    softmax = [
+        SoftmaxCase(op, shape, dim, dtype, masked)
+        for op, (shape, dim), dtype, masked in itertools.product(
+            ("softmax", "log_softmax"), FULL_SOFTMAX_SHAPES, ALL_DTYPES, (False,))
+    ]
+    softmax += [SoftmaxCase(op, (8, 20000), -1, dtype, True) for op in ("softmax", "log_softmax") for dtype in ALL_DTYPES]
+    return attention, softmax
+
+
+def sweep_grids(seqlens: list[int], head_dims: list[int], causal: list[bool], dtypes: list[str],
+                batch: int, heads: int) -> tuple[list[AttentionCase], list[SoftmaxCase]]:
+    """The benchmark's square shapes; softmax over rows of the same lengths.
+
+    The float64 truth materialises ``batch * heads`` score matrices of ``seqlen**2`` doubles (and their
+    gradients), so batch and heads default to small values here rather than the benchmark's token budget.
+    """
+    attention = [
+        AttentionCase(seqlen, seqlen, head_dim, is_causal, dtype, batch=batch, heads=heads)
+        for dtype, head_dim, is_causal, seqlen in itertools.product(dtypes, head_dims, causal, seqlens)
+    ]
+    softmax = [
+        SoftmaxCase(op, (batch * heads, seqlen), -1, dtype)
+        for op, dtype, seqlen in itertools.product(("softmax", "log_softmax"), dtypes, seqlens)
+    ]
+    return attention, softmax
+
+
+# ------------------------------------------------------------------------------------------ features
+
+_KEYWORD_FEATURES = ("window_size", "softcap", "attn_bias")
+
+
+def _accepts_keyword(function: Callable, name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _accepts_shapes(function: Callable, heads: tuple[int, int], head_dims: tuple[int, int], device) -> bool:
+    """Whether the kernel takes inputs of these shapes, judged by the validation errors it raises.
+
+    Only the exceptions input validation raises (ValueError, TypeError, NotImplementedError) mean "not
+    supported"; any other failure means the feature is there, and its cases will report the failure.
+    """
+    (heads_q, heads_kv), (head_dim, head_dim_v) = heads, head_dims
+    q = torch.randn(1, heads_q, 2, head_dim, device=device)
+    k = torch.randn(1, heads_kv, 3, head_dim, device=device)
+    v = torch.randn(1, heads_kv, 3, head_dim_v, device=device)
+    try:
+        function(q, k, v)
+    except (ValueError, TypeError, NotImplementedError):
+        return False
+    except Exception:  # noqa: BLE001 - a crash is a failure for the cases to report, not a missing feature
+        return True
+    return True
+
+
+def attention_features(function: Callable, device: torch.device) -> set[str]:
+    """The optional features ``function`` offers: keyword options from its signature, shapes by a probe."""
+    features = {name for name in _KEYWORD_FEATURES if _accepts_keyword(function, name)}
+    if _accepts_shapes(function, (2, 1), (8, 8), device):
+        features.add("gqa")
+    if _accepts_shapes(function, (1, 1), (8, 4), device):
+        features.add("head_dim_v")
+    return features
+
+
+# ------------------------------------------------------------------------------------------ checking
+
+
+@dataclass
+class CaseResult:
+    """The verdict on one case: every comparison made, or the error that stopped it."""
+
+    label: str
+    comparisons: list[Comparison] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and bool(self.comparisons) and all(c.passed for c in self.comparisons)
+
+    def worst(self) -> Comparison | None:
+        """The comparison closest to (or furthest past) its bound."""
+        if not self.comparisons:
+            return None
+        return max(self.comparisons, key=lambda c: (not c.passed, c.ratio))
+
+
+def _randn(shape, generator: torch.Generator, dtype: torch.dtype, device) -> torch.Tensor:
+    # Drawn in float32 on the CPU and then converted, so a seed gives the same inputs on every device.
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+def _attention_bias(case: AttentionCase, generator: torch.Generator, dtype: torch.dtype, device):
+    """A (B, 1, Sq, Sk) bias broadcast over heads: normal floats, or a bool keep-mask keeping ~80%."""
+    shape = (case.batch, 1, case.seqlen_q, case.seqlen_k)
+    if case.bias == "float":
+        return _randn(shape, generator, dtype, device)
+    return (torch.rand(shape, generator=generator) < 0.8).to(device)
+
+
+def _attention_run(function: Callable, q, k, v, dout, options: dict, **extra):
+    """Output, lse and (dq, dk, dv) of ``function`` on fresh leaves made from q, k, v."""
+    leaves = [tensor.detach().clone().requires_grad_() for tensor in (q, k, v)]
+    out, lse = function(*leaves, return_lse=True, **options, **extra)
+    grads = torch.autograd.grad(out, leaves, dout)
+    return out.detach(), lse.detach(), grads
+
+
+def check_attention(case: AttentionCase, device: torch.device, seed: int) -> list[Comparison]:
+    """Run one attention case and compare out, lse, dq, dk, dv with the float64 truth."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    heads_kv = case.heads_kv or case.heads
+    head_dim_v = case.head_dim_v or case.head_dim
+    q = _randn((case.batch, case.heads, case.seqlen_q, case.head_dim), generator, dtype, device)
+    k = _randn((case.batch, heads_kv, case.seqlen_k, case.head_dim), generator, dtype, device)
+    v = _randn((case.batch, heads_kv, case.seqlen_k, head_dim_v), generator, dtype, device)
+    dout = _randn((case.batch, case.heads, case.seqlen_q, head_dim_v), generator, dtype, device)
+    options: dict[str, object] = {"causal": case.causal}
+    if "window_size" in case.requires():
+        options["window_size"] = case.window_size
+    if case.softcap > 0:
+        options["softcap"] = case.softcap
+    if case.bias is not None:
+        options["attn_bias"] = _attention_bias(case, generator, dtype, device)
+
+    out, lse, grads = _attention_run(kernel("attention"), q, k, v, dout, options)
+    truth_out, truth_lse, truth_grads = _attention_run(
+        reference.attention, q.double(), k.double(), v.double(), dout.double(), options
+    )
+    if dtype == torch.float32:
+        # float32 results are held to a relative bound against the truth; no low-precision reference needed.
+        lowp_out, lowp_lse, lowp_grads = None, None, (None, None, None)
+    else:
+        lowp_out, lowp_lse, lowp_grads = _attention_run(reference.attention, q, k, v, dout, options, upcast=False)
+
+    comparisons = [
+        compare("out", out, truth_out, lowp_out, factor=OUTPUT_FACTOR),
+        compare("lse", lse, truth_lse, lowp_lse, factor=OUTPUT_FACTOR),
+    ]
+    for name, grad, truth_grad, lowp_grad in zip(("dq", "dk", "dv"), grads, truth_grads, lowp_grads):
+        comparisons.append(compare(name, grad, truth_grad, lowp_grad, factor=GRADIENT_FACTOR))
+    return comparisons
+
+
+def check_softmax(case: SoftmaxCase, device: torch.device, seed: int) -> list[Comparison]:
+    """Run one softmax / log_softmax case and compare y and dx with the float64 truth."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    x = _randn(case.shape, generator, dtype, device)
+    if case.masked:
+        x = x.masked_fill((torch.rand(case.shape, generator=generator) < 0.1).to(device), float("-inf"))
+    dy = _randn(case.shape, generator, dtype, device)
+    reference_function = getattr(reference, case.op)
+
+    def run(function: Callable, inputs: torch.Tensor, **extra):
+        leaf = inputs.detach().clone().requires_grad_()
+        y = function(leaf, dim=case.dim, **extra)
+        (dx,) = torch.autograd.grad(y, (leaf,), dy.to(inputs.dtype))
+        return y.detach(), dx
+
+    y, dx = run(kernel(case.op), x)
+    truth_y, truth_dx = run(reference_function, x.double())
+    if dtype == torch.float32:
+        lowp_y, lowp_dx = None, None
+    else:
+        lowp_y, lowp_dx = run(reference_function, x, upcast=False)
+    return [
+        compare("y", y, truth_y, lowp_y, factor=OUTPUT_FACTOR),
+        compare("dx", dx, truth_dx, lowp_dx, factor=GRADIENT_FACTOR),
+    ]
+
+
+def _short_error(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:160]
+
+
+def run_case(case, device: torch.device, seed: int) -> CaseResult:
+    """Check one case; an exception anywhere (kernel, shapes, comparison) makes the case fail, not the run."""
+    check = check_attention if isinstance(case, AttentionCase) else check_softmax
+    started = time.perf_counter()
+    result = CaseResult(case.label)
+    try:
+        result.comparisons = check(case, device, seed)
+    except Exception as error:  # noqa: BLE001 - reported as a failed case
+        result.error = _short_error(error)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# ------------------------------------------------------------------------------------------- command
+
+
+def select_cases(args: argparse.Namespace, on_gpu: bool) -> tuple[list, str]:
+    """The cases the flags ask for, and a one-line description of the grid."""
+    if args.seqlens:
+        attention, softmax = sweep_grids(
+            args.seqlens, args.head_dims or [64, 128], args.causal or [False, True],
+            args.dtypes or ["bfloat16", "float16"], args.batch or 1, args.heads or 2,
+        )
+        description = "the benchmark's sweep shapes"
+    else:
+        for flag, value in (("--batch", args.batch), ("--heads", args.heads)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to the --seqlens sweep only; it was given {value} without --seqlens")
+        grid = args.grid or ("full" if on_gpu else "quick")
+        if grid == "full":
+            attention, softmax = full_grids()
+        else:
+            attention = QUICK_ATTENTION + OPTION_ATTENTION
+            softmax = QUICK_SOFTMAX
+        attention = [
+            case for case in attention
+            if (args.dtypes is None or case.dtype in args.dtypes)
+            and (args.head_dims is None or case.head_dim in args.head_dims)
+            and (args.causal is None or case.causal in args.causal)
+        ]
+        softmax = [case for case in softmax if args.dtypes is None or case.dtype in args.dtypes]
+        description = f"the {grid} grid"
+    cases = (attention if "attention" in args.ops else []) + (softmax if "softmax" in args.ops else [])
+    if not cases:
+        raise ValueError("the filters (--ops, --dtypes, --head-dims, --causal) leave no case to run")
+    return cases, description
+
+
+def _format_error(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2e}"
+
+
+def run(args: argparse.Namespace, *, on_gpu: bool) -> int:
+    """Run ``flash-softmax verify``; return 1 if any case fails or raises, else 0."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from flash_softmax._backend import backend_for
+    from flash_softmax.bench.output import make_console
+
+    console = make_console()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    cases, description = select_cases(args, on_gpu)
+    features = attention_features(kernel("attention"), device) if "attention" in args.ops else set()
+    runnable = [case for case in cases if case.requires() <= features]
+    missing = sorted(set().union(*(case.requires() - features for case in cases)))
+    console.print(f"verify: {len(runnable)} cases from {description} on {device} ({backend_for(device)})")
+
+    results: list[CaseResult] = []
+    with warnings.catch_warnings(), Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as progress:
+        # The interpreter takes log(0) for fully masked rows on purpose; numpy's warning about it is noise.
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
+        task = progress.add_task("verify", total=len(runnable))
+        for index, case in enumerate(runnable):
+            progress.update(task, description=case.label)
+            results.append(run_case(case, device, seed=args.seed + index))
+            progress.advance(task)
+
+    table = Table(title=f"flash-softmax verify ({description}, {device})", header_style="bold")
+    for column, justify in (("case", "left"), ("checked", "left"), ("worst", "left"), ("max error", "right"),
+                            ("ref. error", "right"), ("ratio", "right"), ("result", "left")):
+        table.add_column(column, justify=justify)
+    for result in results:
+        worst = result.worst()
+        if result.error is not None or worst is None:
+            table.add_row(result.label, "", "", "", "", "", f"ERROR {result.error}", style="red")
+            continue
+        table.add_row(
+            result.label, " ".join(c.name for c in result.comparisons), worst.name,
+            _format_error(worst.max_error), _format_error(worst.reference_error), f"{worst.ratio:.2f}",
+            "pass" if result.passed else "FAIL", style=None if result.passed else "red",
+        )
+    table.caption = ("ratio: max error over the bound (2x the reference's own low-precision error for outputs, "
+                     "3x for gradients; 1e-5 relative for float32); pass when <= 1")
+    console.print(table)
+
+    failures = [result for result in results if not result.passed]
+    for result in failures:
+        for comparison in result.comparisons:
+            if not comparison.passed:
+                console.print(f"[red]{result.label}[/red]: {comparison}")
+    if missing:
+        console.print(f"not run, the kernel does not offer: {', '.join(missing)}")
+    total_seconds = sum(result.seconds for result in results)
+    verdict = "[red]FAILED[/red]" if failures else "[green]all passed[/green]"
+    console.print(f"{len(results) - len(failures)}/{len(results)} cases passed in {total_seconds:.1f} s: {verdict}")
+    return 1 if failures else 0
