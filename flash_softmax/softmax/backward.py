@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flash_softmax.softmax.common import _row_block_offsets, _to_stored_dtype, round_bfloat16_by_bits
 from flash_softmax.softmax.configs import KernelConfig, choose_config
-from flash_softmax.softmax.forward import _row_block_offsets
 from flash_softmax.softmax.layout import row_layout
 
 
@@ -41,6 +41,7 @@ def _softmax_backward_single_block_kernel(
     LOG: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr,
+    ROUND_BFLOAT16_BY_BITS: tl.constexpr,
 ):
     """Rows that fit one tile: y and dy read once, dx written once. ``BLOCK_SIZE >= n_cols``."""
     y_rows, row_mask = _row_block_offsets(n_inner, stride_y_outer, stride_y_inner, ROWS_PER_PROGRAM)
@@ -56,7 +57,8 @@ def _softmax_backward_single_block_kernel(
         dx = dy - tl.exp(y) * tl.sum(dy, axis=1)[:, None]
     else:
         dx = y * (dy - tl.sum(dy * y, axis=1)[:, None])
-    tl.store(dx_ptr + dx_rows[:, None] + cols[None, :] * stride_dx_col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    dx_pointers = dx_ptr + dx_rows[:, None] + cols[None, :] * stride_dx_col
+    tl.store(dx_pointers, _to_stored_dtype(dx, dx_ptr, ROUND_BFLOAT16_BY_BITS), mask=mask)
 
 
 @triton.jit
@@ -78,6 +80,7 @@ def _softmax_backward_tiled_kernel(
     LOG: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr,
+    ROUND_BFLOAT16_BY_BITS: tl.constexpr,
 ):
     """Rows of any length: a pass for the row sum, then a pass that writes dx."""
     y_rows, row_mask = _row_block_offsets(n_inner, stride_y_outer, stride_y_inner, ROWS_PER_PROGRAM)
@@ -107,7 +110,8 @@ def _softmax_backward_tiled_kernel(
             dx = dy - tl.exp(y) * row_sum[:, None]
         else:
             dx = y * (dy - row_sum[:, None])
-        tl.store(dx_ptr + dx_rows[:, None] + col[None, :] * stride_dx_col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dx_pointers = dx_ptr + dx_rows[:, None] + col[None, :] * stride_dx_col
+        tl.store(dx_pointers, _to_stored_dtype(dx, dx_ptr, ROUND_BFLOAT16_BY_BITS), mask=mask)
 
 
 def softmax_backward(
@@ -157,6 +161,7 @@ def softmax_backward(
         LOG=log,
         BLOCK_SIZE=config.block_size,
         ROWS_PER_PROGRAM=config.rows_per_program,
+        ROUND_BFLOAT16_BY_BITS=round_bfloat16_by_bits(dx.dtype),
         num_warps=config.num_warps,
     )
     return dx

@@ -22,23 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from flash_softmax.softmax.common import _row_block_offsets, _to_stored_dtype, round_bfloat16_by_bits
 from flash_softmax.softmax.configs import KernelConfig, choose_config
 from flash_softmax.softmax.layout import row_layout
-
-
-@triton.jit
-def _row_block_offsets(
-    n_inner,
-    stride_outer,
-    stride_inner,
-    ROWS_PER_PROGRAM: tl.constexpr,
-):
-    """Offsets (in elements, int64) of column 0 of this program's rows, and which of them exist."""
-    inner_blocks = tl.cdiv(n_inner, ROWS_PER_PROGRAM)
-    program = tl.program_id(0)
-    outer = (program // inner_blocks).to(tl.int64)
-    inner = (program % inner_blocks).to(tl.int64) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
-    return outer * stride_outer + inner * stride_inner, inner < n_inner
 
 
 @triton.jit
@@ -56,6 +42,7 @@ def _softmax_forward_single_block_kernel(
     LOG: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr,
+    ROUND_BFLOAT16_BY_BITS: tl.constexpr,
 ):
     """Rows that fit one tile: one read of x, one write of y. ``BLOCK_SIZE >= n_cols``."""
     x_rows, row_mask = _row_block_offsets(n_inner, stride_x_outer, stride_x_inner, ROWS_PER_PROGRAM)
@@ -75,7 +62,8 @@ def _softmax_forward_single_block_kernel(
         y = shifted - tl.log(row_sum)[:, None]
     else:
         y = exponentials * (1.0 / row_sum)[:, None]
-    tl.store(y_ptr + y_rows[:, None] + cols[None, :] * stride_y_col, y.to(y_ptr.dtype.element_ty), mask=mask)
+    y_pointers = y_ptr + y_rows[:, None] + cols[None, :] * stride_y_col
+    tl.store(y_pointers, _to_stored_dtype(y, y_ptr, ROUND_BFLOAT16_BY_BITS), mask=mask)
 
 
 @triton.jit
@@ -93,6 +81,7 @@ def _softmax_forward_tiled_kernel(
     LOG: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr,
+    ROUND_BFLOAT16_BY_BITS: tl.constexpr,
 ):
     """Rows of any length: an online pass for max and sum, then a pass that writes y."""
     x_rows, row_mask = _row_block_offsets(n_inner, stride_x_outer, stride_x_inner, ROWS_PER_PROGRAM)
@@ -133,7 +122,8 @@ def _softmax_forward_tiled_kernel(
             y = shifted - row_offset[:, None]
         else:
             y = tl.exp(shifted) * row_scale[:, None]
-        tl.store(y_ptr + y_rows[:, None] + col[None, :] * stride_y_col, y.to(y_ptr.dtype.element_ty), mask=mask)
+        y_pointers = y_ptr + y_rows[:, None] + col[None, :] * stride_y_col
+        tl.store(y_pointers, _to_stored_dtype(y, y_ptr, ROUND_BFLOAT16_BY_BITS), mask=mask)
 
 
 def softmax_forward(
@@ -179,6 +169,7 @@ def softmax_forward(
         LOG=log,
         BLOCK_SIZE=config.block_size,
         ROWS_PER_PROGRAM=config.rows_per_program,
+        ROUND_BFLOAT16_BY_BITS=round_bfloat16_by_bits(y.dtype),
         num_warps=config.num_warps,
     )
     return y
