@@ -1,0 +1,360 @@
+"""The ``flash-softmax`` command line end to end: verify, bench, info, and the pieces they stand on.
+
+On a CPU everything runs the real kernels in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), on tiny shapes. ``cli.main`` is called in-process; only ``python -m flash_softmax``
+itself needs a subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flash_softmax import cli, reference, verify
+from flash_softmax.bench import attention as bench_attention
+from flash_softmax.bench import providers
+from flash_softmax.bench.timing import time_cpu
+from flash_softmax.info import device_slug
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ATTENTION_COLUMNS = ["provider", "mode", "causal", "dtype", "batch", "heads", "seqlen_q", "seqlen_k", "head_dim",
+                     "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", "status"]
+SOFTMAX_COLUMNS = ["provider", "mode", "dtype", "rows", "cols", "ms_median", "ms_p20", "ms_p80", "gbps", "status"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames), list(reader)
+
+
+# ------------------------------------------------------------------------------------- arguments
+
+
+def test_parser_reads_every_flag():
+    args = cli.build_parser().parse_args(
+        ["bench", "--op", "attention", "--seqlens", "64", "128", "--head-dims", "32", "--causal", "false", "on",
+         "--modes", "fwd", "fwd_bwd", "--dtypes", "float16", "--providers", "naive", "--batch", "3", "--heads", "4",
+         "--out", "somewhere"]
+    )
+    assert args.command == "bench" and args.op == "attention"
+    assert args.seqlens == [64, 128] and args.head_dims == [32] and args.causal == [False, True]
+    assert args.modes == ["fwd", "fwd_bwd"] and args.dtypes == ["float16"] and args.providers == ["naive"]
+    assert (args.batch, args.heads, args.out, args.plots) == (3, 4, "somewhere", True)
+
+    args = cli.build_parser().parse_args(["verify", "--full", "--ops", "softmax"])
+    assert (args.command, args.grid, args.ops, args.seqlens) == ("verify", "full", ["softmax"], None)
+
+
+@pytest.mark.parametrize(
+    "argv,flag,expected",
+    [
+        (["bench", "--seqlens", "0"], "--seqlens", "positive integer"),
+        (["bench", "--seqlens", "abc"], "--seqlens", "positive integer"),
+        (["bench", "--causal", "maybe"], "--causal", "true or false"),
+        (["bench", "--dtypes", "float64"], "--dtypes", "invalid choice"),
+        (["bench", "--modes", "backward"], "--modes", "invalid choice"),
+        (["verify", "--quick", "--full"], "--full", "not allowed"),
+    ],
+)
+def test_parser_rejects_bad_values_naming_the_flag(argv, flag, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert flag in message and expected in message
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--op", "softmax", "--seqlens", "64"], "--seqlens does not apply to --op softmax"),
+        (["bench", "--cols", "64"], "--cols does not apply to --op attention"),
+        (["bench", "--providers", "nonexistent"], "--providers: unknown 'nonexistent'"),
+        (["verify", "--batch", "2"], "--batch applies to the --seqlens sweep only"),
+        (["verify", "--ops", "attention", "--head-dims", "7"], "leave no case to run"),
+    ],
+)
+def test_semantic_errors_exit_2_with_an_actionable_message(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+
+def test_bench_attention_writes_csv_env_and_plots(tmp_path):
+    argv = ["bench", "--seqlens", "16", "40", "--head-dims", "16", "--causal", "true", "--modes", "fwd", "bwd",
+            "--providers", "flash_softmax", "sdpa_math", "naive", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+
+    columns, rows = read_csv(tmp_path / "attention.csv")
+    assert columns == ATTENTION_COLUMNS
+    assert len(rows) == 2 * 2 * 3  # seqlens x modes x providers
+    assert {row["provider"] for row in rows} == {"flash_softmax", "sdpa_math", "naive"}
+    for row in rows:
+        assert row["status"] == "ok", row
+        median, p20, p80 = float(row["ms_median"]), float(row["ms_p20"]), float(row["ms_p80"])
+        assert 0 < p20 <= median <= p80
+        config = bench_attention.AttentionConfig(
+            row["mode"], row["causal"] == "true", row["dtype"], int(row["batch"]), int(row["heads"]),
+            int(row["seqlen_q"]), int(row["seqlen_k"]), int(row["head_dim"]))
+        assert config.causal and (config.batch, config.heads) == (1, 2)  # the CPU defaults
+        assert float(row["tflops"]) == pytest.approx(config.flops() / (median * 1e-3) / 1e12, rel=1e-9)
+        assert row["peak_mem_mib"] == ""  # measured on CUDA only
+
+    env = json.loads((tmp_path / "env.json").read_text())
+    for key in ("gpu", "driver", "cuda", "torch", "triton", "git", "date", "command"):
+        assert key in env
+    assert env["torch"] == torch.__version__ and env["command"].startswith("flash-softmax bench --seqlens 16 40")
+    assert socket.gethostname() not in (tmp_path / "env.json").read_text()
+
+    plots = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in plots] == ["attention_memory_float16.png", "attention_tflops_float16.png"]
+    for plot in plots:
+        assert plot.read_bytes().startswith(PNG_SIGNATURE) and plot.stat().st_size > 10_000
+
+
+def _raise_out_of_memory(config, q, k, v):
+    def forward():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    return forward
+
+
+def _raise_unsupported(config, q, k, v):
+    raise providers.Unsupported("needs a GPU")
+
+
+def _raise_runtime_error(config, q, k, v):
+    def forward():
+        raise RuntimeError("something broke\nsecond line not shown")
+
+    return forward
+
+
+def test_bench_rows_for_oom_unsupported_and_errors_do_not_stop_the_sweep(monkeypatch, tmp_path, capsys):
+    for name, build in (("oom", _raise_out_of_memory), ("unsupported", _raise_unsupported),
+                        ("broken", _raise_runtime_error)):
+        monkeypatch.setitem(providers.ATTENTION_PROVIDERS, name, providers.Provider(name, build))
+    argv = ["bench", "--seqlens", "16", "--head-dims", "16", "--causal", "false", "--modes", "fwd", "fwd_bwd",
+            "--providers", "oom", "unsupported", "broken", "naive", "--out", str(tmp_path), "--no-plots"]
+    assert cli.main(argv) == 0  # failures of other providers are reported, not fatal
+
+    _, rows = read_csv(tmp_path / "attention.csv")
+    statuses = [(row["mode"], row["provider"], row["status"]) for row in rows]
+    assert statuses == [
+        ("fwd", "oom", "oom"), ("fwd", "unsupported", "unsupported"),
+        ("fwd", "broken", "error: RuntimeError: something broke"), ("fwd", "naive", "ok"),
+        ("fwd_bwd", "oom", "oom"), ("fwd_bwd", "unsupported", "unsupported"),
+        ("fwd_bwd", "broken", "error: RuntimeError: something broke"), ("fwd_bwd", "naive", "ok"),
+    ]
+    for row in rows:
+        assert (row["ms_median"] == "") == (row["status"] != "ok")
+    assert not list(tmp_path.glob("*.png"))
+    assert "needs a GPU" in capsys.readouterr().out
+
+
+def test_bench_exits_1_when_flash_softmax_itself_errors(monkeypatch, tmp_path):
+    monkeypatch.setitem(providers.ATTENTION_PROVIDERS, "flash_softmax",
+                        providers.Provider("flash_softmax", _raise_runtime_error))
+    argv = ["bench", "--seqlens", "16", "--head-dims", "16", "--causal", "false", "--modes", "fwd",
+            "--providers", "flash_softmax", "--out", str(tmp_path), "--no-plots"]
+    assert cli.main(argv) == 1
+    _, rows = read_csv(tmp_path / "attention.csv")
+    assert [row["status"] for row in rows] == ["error: RuntimeError: something broke"]
+
+
+def test_bench_softmax_writes_its_csv_and_plot(tmp_path):
+    argv = ["bench", "--op", "softmax", "--cols", "64", "5000", "--rows", "2", "--modes", "fwd", "bwd",
+            "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    columns, rows = read_csv(tmp_path / "softmax.csv")
+    assert columns == SOFTMAX_COLUMNS
+    assert len(rows) == 2 * 2 * 2  # cols x modes x providers (flash_softmax, torch)
+    for row in rows:
+        assert row["status"] == "ok", row
+        tensors_moved = {"fwd": 2, "bwd": 3}[row["mode"]]
+        bytes_moved = tensors_moved * int(row["rows"]) * int(row["cols"]) * 2  # float16
+        assert float(row["gbps"]) == pytest.approx(bytes_moved / (float(row["ms_median"]) * 1e-3) / 1e9, rel=1e-9)
+    assert (tmp_path / "softmax_gbps_float16.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (tmp_path / "env.json").exists()
+
+
+@pytest.mark.parametrize(
+    "seqlen_q,seqlen_k,causal,pairs",
+    [(4, 4, False, 16), (4, 4, True, 10), (2, 5, True, 4 + 5), (5, 2, True, 1 + 2), (1, 1, True, 1)],
+)
+def test_flops_count_exactly_the_pairs_a_bottom_right_causal_mask_keeps(seqlen_q, seqlen_k, causal, pairs):
+    keep = reference.band_mask(seqlen_q, seqlen_k, causal, (-1, -1), "cpu")
+    assert pairs == (seqlen_q * seqlen_k if keep is None else int(keep.sum()))
+    forward = bench_attention.AttentionConfig("fwd", causal, "float16", 2, 3, seqlen_q, seqlen_k, 8)
+    assert forward.kept_pairs() == pairs
+    assert forward.flops() == 4 * 2 * 3 * pairs * 8
+    assert bench_attention.AttentionConfig("bwd", causal, "float16", 2, 3, seqlen_q, seqlen_k, 8).flops() == \
+        2.5 * forward.flops()
+    assert bench_attention.AttentionConfig("fwd_bwd", causal, "float16", 2, 3, seqlen_q, seqlen_k, 8).flops() == \
+        3.5 * forward.flops()
+
+
+def test_default_attention_sweep_holds_the_token_budget():
+    args = cli.build_parser().parse_args(["bench"])
+    configs = bench_attention.configurations(bench_attention.resolve_sweep(args, on_gpu=True))
+    assert {config.seqlen_q for config in configs} == {512, 1024, 2048, 4096, 8192, 16384}
+    assert {(config.head_dim, config.heads) for config in configs} == {(64, 32), (128, 16)}
+    assert all(config.batch * config.seqlen_q == 16384 for config in configs)
+    assert {config.mode for config in configs} == {"fwd", "bwd", "fwd_bwd"}
+    assert {(config.causal, config.dtype) for config in configs} == {
+        (causal, dtype) for causal in (False, True) for dtype in ("bfloat16", "float16")}
+
+
+def test_cpu_timing_reports_ordered_quantiles_of_real_work():
+    timing = time_cpu(lambda: sum(range(20_000)), min_repetitions=5, min_seconds=0.0)
+    assert 0 < timing.p20 <= timing.median <= timing.p80
+
+
+def test_device_slug(monkeypatch):
+    if not torch.cuda.is_available():
+        assert device_slug() == "interpreter"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert device_slug() == "nvidia-h100-80gb-hbm3"
+
+
+# ----------------------------------------------------------------------------------------- verify
+
+TINY_VERIFY = ["verify", "--seqlens", "33", "--head-dims", "16", "--dtypes", "float16", "--causal", "true"]
+
+
+def test_verify_passes_on_a_tiny_grid_with_the_real_kernels(capsys):
+    assert cli.main(TINY_VERIFY) == 0
+    output = capsys.readouterr().out
+    assert "3/3 cases passed" in output and "FAIL" not in output
+
+
+def _attention_without_scale(q, k, v, *, causal=False, softmax_scale=None, return_lse=False):
+    """A typical kernel bug: the softmax scale is forgotten."""
+    return reference.attention(q, k, v, causal=causal, softmax_scale=1.0, return_lse=return_lse)
+
+
+class _SoftmaxWithoutRowSum(torch.autograd.Function):
+    """Right forward, wrong backward: dx = y * dy, missing the ``- rowsum(dy * y)`` term."""
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        y = torch.softmax(x.float(), dim=dim).to(x.dtype)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return y * dy, None
+
+
+def _softmax_wrong_gradient(x, dim=-1):
+    return _SoftmaxWithoutRowSum.apply(x, dim)
+
+
+def _attention_that_raises(q, k, v, **options):
+    raise RuntimeError("kernel launch failed")
+
+
+@pytest.mark.parametrize(
+    "name,wrong,ops,expected",
+    [
+        ("attention", _attention_without_scale, "attention", "FAIL"),
+        ("softmax", _softmax_wrong_gradient, "softmax", "dx: FAIL"),
+        ("attention", _attention_that_raises, "attention", "RuntimeError: kernel launch failed"),
+    ],
+    ids=["attention-scale", "softmax-backward", "attention-raises"],
+)
+def test_verify_exits_1_when_a_wrong_kernel_is_injected(monkeypatch, capsys, name, wrong, ops, expected):
+    monkeypatch.setitem(verify.KERNELS, name, wrong)
+    assert cli.main([*TINY_VERIFY, "--ops", ops]) == 1
+    output = capsys.readouterr().out
+    assert expected in output and "FAILED" in output
+
+
+def test_verify_hook_accepts_a_correct_kernel(monkeypatch):
+    """The same hook with the float32 reference as the kernel passes: the failures above are the kernels'."""
+    monkeypatch.setitem(verify.KERNELS, "attention", reference.attention)
+    assert cli.main([*TINY_VERIFY, "--ops", "attention", "--dtypes", "bfloat16", "float32"]) == 0
+
+
+def test_verify_runs_option_cases_only_where_the_kernel_has_the_feature():
+    def plain(q, k, v, *, causal=False, return_lse=False):
+        if k.shape[1] != q.shape[1] or v.shape[-1] != q.shape[-1]:
+            raise ValueError("k: expected the heads and head dim of q")
+        return reference.attention(q, k, v, causal=causal, return_lse=return_lse)
+
+    def with_options(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, attn_bias=None,
+                     return_lse=False):
+        return reference.attention(q, k, v, causal=causal, window_size=window_size, softcap=softcap,
+                                   attn_bias=attn_bias, return_lse=return_lse)
+
+    device = torch.device("cpu")
+    assert verify.attention_features(plain, device) == set()
+    assert verify.attention_features(with_options, device) == {"window_size", "softcap", "attn_bias", "gqa",
+                                                               "head_dim_v"}
+    needed = set().union(*(case.requires() for case in verify.OPTION_ATTENTION))
+    assert needed == {"window_size", "softcap", "attn_bias", "gqa", "head_dim_v"}
+
+
+def test_verify_option_cases_pass_with_a_kernel_that_has_every_feature(monkeypatch):
+    def with_options(q, k, v, **options):
+        return reference.attention(q, k, v, **options)
+
+    device = torch.device("cpu")
+    for case in verify.OPTION_ATTENTION:
+        if case.bias is None and case.softcap == 0:
+            continue  # one window/GQA/Dv case each is covered by the kernels' own tests; keep this fast
+        monkeypatch.setitem(verify.KERNELS, "attention", with_options)
+        result = verify.run_case(case, device, seed=0)
+        assert result.passed, (case.label, result.error, [str(c) for c in result.comparisons])
+
+
+def test_sweep_grid_follows_the_benchmark_shapes():
+    attention, softmax = verify.sweep_grids([512, 1024], [64, 128], [False, True], ["bfloat16"], 1, 2)
+    assert len(attention) == 2 * 2 * 2
+    assert {(case.seqlen_q, case.seqlen_k) for case in attention} == {(512, 512), (1024, 1024)}
+    assert {case.shape for case in softmax} == {(2, 512), (2, 1024)}
+
+
+# ------------------------------------------------------------------------------------- info, entry
+
+
+def test_info_reports_versions_device_and_backends(capsys):
+    assert cli.main(["info"]) == 0
+    output = capsys.readouterr().out
+    for expected in ("python", "torch", torch.__version__, "triton", "numpy", "flash_softmax"):
+        assert expected in output
+    if not torch.cuda.is_available():
+        assert "CPU only" in output and "triton-interpreter" in output and "interpreter" in output
+
+
+def test_python_m_flash_softmax_help():
+    done = subprocess.run([sys.executable, "-m", "flash_softmax", "--help"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "verify" in done.stdout and "bench" in done.stdout and "info" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter switch only applies without a GPU")
+def test_entry_point_switches_to_the_interpreter_without_being_told():
+    """Started without TRITON_INTERPRET, the command still runs the kernels in the interpreter."""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "flash_softmax", "info"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=180, env=environment)
+    assert done.returncode == 0, done.stderr
+    assert "Triton's interpreter" in done.stdout
+    assert "triton-interpreter" in done.stdout
