@@ -27,6 +27,10 @@ CPU_BANNER = (
     "No CUDA GPU found: the kernels run in Triton's interpreter on the CPU (TRITON_INTERPRET=1), on tiny\n"
     "sizes only. Timings from this machine say nothing about GPU speed."
 )
+CPU_BANNER_WITHOUT_INTERPRETER = (
+    "No CUDA GPU found, and TRITON_INTERPRET is off: CPU tensors take the plain PyTorch path, not the\n"
+    "Triton kernels. Timings from this machine say nothing about GPU speed."
+)
 
 
 def _positive_int(text: str) -> int:
@@ -109,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interpreter_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for the interpreter, read the way triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in {"1", "true", "yes", "on", "y"}
+
+
 def _prepare_triton(argv: list[str], restart_allowed: bool) -> bool:
     """Put Triton in interpreter mode when there is no GPU; return whether a CUDA GPU is present.
 
@@ -138,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     on_gpu = _prepare_triton(argv, restart_allowed=from_entry_point)
     if not on_gpu:
-        print(CPU_BANNER, flush=True)
+        print(CPU_BANNER if _interpreter_requested() else CPU_BANNER_WITHOUT_INTERPRETER, flush=True)
     command_line = shlex.join(["flash-softmax", *argv])
     try:
         if args.command == "verify":

@@ -133,6 +133,8 @@ QUICK_ATTENTION = [
     AttentionCase(113, 203, 256, False, "float16"),
     AttentionCase(1, 239, 128, False, "float16"),
     AttentionCase(65, 97, 80, False, "bfloat16", batch=2),
+    AttentionCase(2, 1, 64, True, "float16"),  # the first query sees no key: output 0, lse -inf, no NaN
+    AttentionCase(1, 1, 59, True, "float32"),
 ]
 
 #: Cases that need features beyond plain attention; each runs only where the kernel has the feature.
@@ -414,6 +416,7 @@ def _format_error(value: float) -> str:
 def run(args: argparse.Namespace, *, on_gpu: bool) -> int:
     """Run ``flash-softmax verify``; return 1 if any case fails or raises, else 0."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.markup import escape
     from rich.table import Table
 
     from flash_softmax._backend import backend_for
@@ -447,10 +450,10 @@ def run(args: argparse.Namespace, *, on_gpu: bool) -> int:
     for result in results:
         worst = result.worst()
         if result.error is not None or worst is None:
-            table.add_row(result.label, "", "", "", "", "", f"ERROR {result.error}", style="red")
+            table.add_row(escape(result.label), "", "", "", "", "", escape(f"ERROR {result.error}"), style="red")
             continue
         table.add_row(
-            result.label, " ".join(c.name for c in result.comparisons), worst.name,
+            escape(result.label), " ".join(c.name for c in result.comparisons), worst.name,
             _format_error(worst.max_error), _format_error(worst.reference_error), f"{worst.ratio:.2f}",
             "pass" if result.passed else "FAIL", style=None if result.passed else "red",
         )
@@ -462,7 +465,7 @@ def run(args: argparse.Namespace, *, on_gpu: bool) -> int:
     for result in failures:
         for comparison in result.comparisons:
             if not comparison.passed:
-                console.print(f"[red]{result.label}[/red]: {comparison}")
+                console.print(f"[red]{escape(result.label)}[/red]: {escape(str(comparison))}")
     if missing:
         console.print(f"not run, the kernel does not offer: {', '.join(missing)}")
     total_seconds = sum(result.seconds for result in results)

@@ -38,15 +38,19 @@ def _reject_flags_of_other_op(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} does not apply to --op {args.op}; it was given {getattr(args, attribute)}")
 
 
+def _format_speedup(speedup: float | None) -> str:
+    return "-" if speedup is None else f"{output.format_number(speedup)}x"
+
+
 def _attention_table_row(record: dict[str, object], speedup: float | None, detail: str) -> list[str]:
     ms = output.format_number(record["ms_median"])
     if record["ms_median"] is not None:
-        ms += f" [{output.format_number(record['ms_p20'])}-{output.format_number(record['ms_p80'])}]"
+        ms += f" ({output.format_number(record['ms_p20'])}-{output.format_number(record['ms_p80'])})"
     return [
         record["provider"], record["mode"], "yes" if record["causal"] else "no", record["dtype"],
         str(record["batch"]), str(record["heads"]), str(record["seqlen_q"]), str(record["head_dim"]), ms,
         output.format_number(record["tflops"]), output.format_number(record["peak_mem_mib"], 4),
-        f"{speedup:.2f}x" if speedup is not None else "-",
+        _format_speedup(speedup),
         record["status"] + (f" ({detail})" if detail else ""),
     ]
 
@@ -54,10 +58,10 @@ def _attention_table_row(record: dict[str, object], speedup: float | None, detai
 def _softmax_table_row(record: dict[str, object], speedup: float | None, detail: str) -> list[str]:
     ms = output.format_number(record["ms_median"])
     if record["ms_median"] is not None:
-        ms += f" [{output.format_number(record['ms_p20'])}-{output.format_number(record['ms_p80'])}]"
+        ms += f" ({output.format_number(record['ms_p20'])}-{output.format_number(record['ms_p80'])})"
     return [
         record["provider"], record["mode"], record["dtype"], str(record["rows"]), str(record["cols"]), ms,
-        output.format_number(record["gbps"]), f"{speedup:.2f}x" if speedup is not None else "-",
+        output.format_number(record["gbps"]), _format_speedup(speedup),
         record["status"] + (f" ({detail})" if detail else ""),
     ]
 
@@ -66,14 +70,14 @@ _OPS = {
     "attention": {
         "module": attention,
         "registry": lambda: providers.ATTENTION_PROVIDERS,
-        "columns": ["provider", "mode", "causal", "dtype", "B", "H", "S", "D", "ms [p20-p80]", "TFLOP/s",
+        "columns": ["provider", "mode", "causal", "dtype", "B", "H", "S", "D", "ms (p20-p80)", "TFLOP/s",
                     "peak MiB", "fs speed-up", "status"],
         "table_row": _attention_table_row,
     },
     "softmax": {
         "module": softmax,
         "registry": lambda: providers.SOFTMAX_PROVIDERS,
-        "columns": ["provider", "mode", "dtype", "rows", "cols", "ms [p20-p80]", "GB/s", "fs speed-up", "status"],
+        "columns": ["provider", "mode", "dtype", "rows", "cols", "ms (p20-p80)", "GB/s", "fs speed-up", "status"],
         "table_row": _softmax_table_row,
     },
 }

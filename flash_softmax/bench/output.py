@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -56,12 +57,12 @@ def make_console() -> Console:
 def print_table(console: Console, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
                 *, caption: str | None = None) -> None:
     """A rich table of pre-formatted cells; numeric-looking columns are right-aligned."""
-    table = Table(title=title, caption=caption, header_style="bold")
+    table = Table(title=escape(title), caption=caption and escape(caption), header_style="bold")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("provider", "mode", "dtype", "status") else "right")
+        table.add_column(escape(column), justify="left" if column in ("provider", "mode", "dtype", "status") else "right")
     for row in rows:
         style = None if row[-1] == "ok" else ("red" if row[-1].startswith("error") else "yellow")
-        table.add_row(*row, style=style)
+        table.add_row(*(escape(cell) for cell in row), style=style)
     console.print(table)
 
 
