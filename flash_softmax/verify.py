@@ -445,17 +445,18 @@ def run(args: argparse.Namespace, *, on_gpu: bool) -> int:
 
     table = Table(title=f"flash-softmax verify ({description}, {device})", header_style="bold")
     for column, justify in (("case", "left"), ("checked", "left"), ("worst", "left"), ("max error", "right"),
-                            ("ref. error", "right"), ("ratio", "right"), ("result", "left")):
+                            ("ref. error", "right"), ("ratio", "right"), ("result", "left"), ("seconds", "right")):
         table.add_column(column, justify=justify)
     for result in results:
         worst = result.worst()
         if result.error is not None or worst is None:
-            table.add_row(escape(result.label), "", "", "", "", "", escape(f"ERROR {result.error}"), style="red")
+            table.add_row(escape(result.label), "", "", "", "", "", escape(f"ERROR {result.error}"),
+                          f"{result.seconds:.1f}", style="red")
             continue
         table.add_row(
             escape(result.label), " ".join(c.name for c in result.comparisons), worst.name,
             _format_error(worst.max_error), _format_error(worst.reference_error), f"{worst.ratio:.2f}",
-            "pass" if result.passed else "FAIL", style=None if result.passed else "red",
+            "pass" if result.passed else "FAIL", f"{result.seconds:.1f}", style=None if result.passed else "red",
         )
     table.caption = ("ratio: max error over the bound (2x the reference's own low-precision error for outputs, "
                      "3x for gradients; 1e-5 relative for float32); pass when <= 1")
