@@ -190,6 +190,18 @@ def test_strided_gradient(op, dim):
     check_op(op, x, dim, dy=torch.ones((), device=DEVICE).expand(40, 70))
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_gradient_laid_out_unlike_the_output(op):
+    """y, dy and dx with no common row view: the backward computes on copies and keeps dx's layout."""
+    x = make_input((4, 3, 5, 6), torch.float32)
+    dy = make_input((3, 4, 5, 6), torch.float32, seed=1).transpose(0, 1)
+    assert row_layout((x, dy, x), 3) is None
+    check_op(op, x, 3, dy=dy)
+    # A dense, permuted x gives a permuted y and dx; a contiguous dy then needs dx to be filled by a copy.
+    x_permuted = make_input((3, 4, 5, 6), torch.float32).transpose(0, 1)
+    check_op(op, x_permuted, 3, dy=make_input((4, 3, 5, 6), torch.float32, seed=1))
+
+
 def test_layouts_are_used_without_copies():
     """Dense and sliced layouts get a row view; only a layout with three incompatible row groups does not."""
     base = torch.empty(64, 150)
@@ -347,6 +359,25 @@ def test_double_backward_is_refused():
     (grad,) = torch.autograd.grad(fs.softmax(x, -1).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_torch_compile_fullgraph(op):
+    """The custom ops trace without graph breaks; the compiled graph still runs the kernels."""
+    function = kernel_op(op)
+
+    def loss(x):
+        return function(2.0 * x, 1).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x = make_input((5, 37), torch.float32).requires_grad_()
+    (compiled_grad,) = torch.autograd.grad(compiled(x), x)
+    (eager_grad,) = torch.autograd.grad(loss(x), x)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+    x64 = x.detach().double().requires_grad_()
+    getattr(torch, op)(2.0 * x64, 1).square().sum().backward()
+    assert_close(f"{op} compiled dx", compiled_grad, x64.grad, None, factor=GRADIENT_FACTOR)
 
 
 def test_modules():

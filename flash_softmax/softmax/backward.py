@@ -17,9 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from flash_softmax.softmax.common import _row_block_offsets, _to_stored_dtype, round_bfloat16_by_bits
+from flash_softmax.softmax.common import (
+    _row_block_offsets,
+    _to_stored_dtype,
+    device_guard,
+    round_bfloat16_by_bits,
+)
 from flash_softmax.softmax.configs import KernelConfig, choose_config
-from flash_softmax.softmax.layout import row_layout
+from flash_softmax.softmax.layout import RowLayout, row_layout
 
 
 @triton.jit
@@ -134,34 +139,52 @@ def softmax_backward(
         config: the launch configuration; chosen by ``configs.choose_config`` when None.
 
     Returns:
-        dx with y's shape, dtype and (when y is dense) strides.
+        dx with y's shape and dtype, laid out as ``torch.empty_like(y)``.
     """
     dx = torch.empty_like(y)
     if y.numel() == 0:
         return dx
     layout = row_layout((y, dy, dx), dim)
-    if layout is None:
-        # dy's row dims are laid out differently from y's and cannot share one row enumeration.
-        y, dy = y.contiguous(), dy.contiguous()
-        dx = torch.empty_like(y)
-        layout = row_layout((y, dy, dx), dim)
+    if layout is not None:
+        _launch_backward(y, dy, dx, layout, log, config)
+        return dx
+    # dy's row dims are laid out differently from y's and the three cannot share one row enumeration:
+    # compute on contiguous copies, and keep dx in the layout ``empty_like(y)`` promises.
+    y_contiguous, dy_contiguous = y.contiguous(), dy.contiguous()
+    dx_contiguous = dx if dx.is_contiguous() else torch.empty_like(y_contiguous)
+    layout = row_layout((y_contiguous, dy_contiguous, dx_contiguous), dim)
+    _launch_backward(y_contiguous, dy_contiguous, dx_contiguous, layout, log, config)
+    if dx_contiguous is not dx:
+        dx.copy_(dx_contiguous)
+    return dx
+
+
+def _launch_backward(
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    dx: torch.Tensor,
+    layout: RowLayout,
+    log: bool,
+    config: KernelConfig | None,
+) -> None:
+    """Launch the backward kernel that ``config`` (or the heuristic) picks, writing dx."""
     if config is None:
         config = choose_config(layout.n_cols, layout.n_inner)
     kernel = _softmax_backward_tiled_kernel if config.tiled else _softmax_backward_single_block_kernel
     grid = (layout.n_outer * triton.cdiv(layout.n_inner, config.rows_per_program),)
-    kernel[grid](
-        y,
-        dy,
-        dx,
-        layout.n_inner,
-        layout.n_cols,
-        *layout.strides[0],
-        *layout.strides[1],
-        *layout.strides[2],
-        LOG=log,
-        BLOCK_SIZE=config.block_size,
-        ROWS_PER_PROGRAM=config.rows_per_program,
-        ROUND_BFLOAT16_BY_BITS=round_bfloat16_by_bits(dx.dtype),
-        num_warps=config.num_warps,
-    )
-    return dx
+    with device_guard(y):
+        kernel[grid](
+            y,
+            dy,
+            dx,
+            layout.n_inner,
+            layout.n_cols,
+            *layout.strides[0],
+            *layout.strides[1],
+            *layout.strides[2],
+            LOG=log,
+            BLOCK_SIZE=config.block_size,
+            ROWS_PER_PROGRAM=config.rows_per_program,
+            ROUND_BFLOAT16_BY_BITS=round_bfloat16_by_bits(dx.dtype),
+            num_warps=config.num_warps,
+        )

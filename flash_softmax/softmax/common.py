@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -51,3 +53,8 @@ def _to_stored_dtype(value, pointer, ROUND_BFLOAT16_BY_BITS: tl.constexpr):
 def round_bfloat16_by_bits(dtype: torch.dtype) -> bool:
     """Whether the kernels must round to ``dtype`` themselves (bfloat16 in the interpreter)."""
     return INTERPRETED and dtype == torch.bfloat16
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s GPU the current one, on which Triton launches; nothing to do on a CPU."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -22,9 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from flash_softmax.softmax.common import _row_block_offsets, _to_stored_dtype, round_bfloat16_by_bits
+from flash_softmax.softmax.common import (
+    _row_block_offsets,
+    _to_stored_dtype,
+    device_guard,
+    round_bfloat16_by_bits,
+)
 from flash_softmax.softmax.configs import KernelConfig, choose_config
-from flash_softmax.softmax.layout import row_layout
+from flash_softmax.softmax.layout import RowLayout, row_layout
 
 
 @triton.jit
@@ -143,33 +148,46 @@ def softmax_forward(
         config: the launch configuration; chosen by ``configs.choose_config`` when None.
 
     Returns:
-        y with x's shape and dtype; with x's strides when x is dense, contiguous otherwise.
+        y with x's shape and dtype, laid out as ``torch.empty_like(x)``: x's strides when x is dense,
+        contiguous otherwise.
     """
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
     layout = row_layout((x, y), dim)
-    if layout is None:
-        # The row dims of x cannot be written as two strided groups (e.g. a permuted and sliced view):
-        # the only case in which the input is copied.
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        layout = row_layout((x, y), dim)
+    if layout is not None:
+        _launch_forward(x, y, layout, log, config)
+        return y
+    # The row dims of x cannot be written as two strided groups (a view that is both permuted and sliced,
+    # say): the only case in which the input is copied. y keeps the strides ``empty_like`` gave it, which
+    # are the ones the op's fake implementation promises, so a non-contiguous y is filled by a copy.
+    x_contiguous = x.contiguous()
+    y_contiguous = y if y.is_contiguous() else torch.empty_like(x_contiguous)
+    _launch_forward(x_contiguous, y_contiguous, row_layout((x_contiguous, y_contiguous), dim), log, config)
+    if y_contiguous is not y:
+        y.copy_(y_contiguous)
+    return y
+
+
+def _launch_forward(
+    x: torch.Tensor, y: torch.Tensor, layout: RowLayout, log: bool, config: KernelConfig | None
+) -> None:
+    """Launch the forward kernel that ``config`` (or the heuristic) picks, writing y."""
     if config is None:
         config = choose_config(layout.n_cols, layout.n_inner)
     kernel = _softmax_forward_tiled_kernel if config.tiled else _softmax_forward_single_block_kernel
     grid = (layout.n_outer * triton.cdiv(layout.n_inner, config.rows_per_program),)
-    kernel[grid](
-        x,
-        y,
-        layout.n_inner,
-        layout.n_cols,
-        *layout.strides[0],
-        *layout.strides[1],
-        LOG=log,
-        BLOCK_SIZE=config.block_size,
-        ROWS_PER_PROGRAM=config.rows_per_program,
-        ROUND_BFLOAT16_BY_BITS=round_bfloat16_by_bits(y.dtype),
-        num_warps=config.num_warps,
-    )
-    return y
+    with device_guard(x):
+        kernel[grid](
+            x,
+            y,
+            layout.n_inner,
+            layout.n_cols,
+            *layout.strides[0],
+            *layout.strides[1],
+            LOG=log,
+            BLOCK_SIZE=config.block_size,
+            ROWS_PER_PROGRAM=config.rows_per_program,
+            ROUND_BFLOAT16_BY_BITS=round_bfloat16_by_bits(y.dtype),
+            num_warps=config.num_warps,
+        )

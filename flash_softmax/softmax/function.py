@@ -1,7 +1,8 @@
 """Public functionals ``softmax`` / ``log_softmax`` and the autograd Functions behind them.
 
-Calls go one way: ``softmax`` (checks, defaults) -> ``SoftmaxFunction`` (allocates, saves y) ->
-``softmax_forward`` / ``softmax_backward`` (layout, grid, config) -> the Triton kernels.
+Calls go one way: ``softmax`` (checks, defaults) -> ``SoftmaxFunction`` (saves y) -> the custom ops
+of ``ops.py`` -> ``softmax_forward`` / ``softmax_backward`` (allocate, layout, grid, config) -> the
+Triton kernels.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from flash_softmax._backend import backend_for
-from flash_softmax.softmax.backward import softmax_backward
-from flash_softmax.softmax.forward import softmax_forward
+from flash_softmax.softmax.ops import softmax_backward_op, softmax_forward_op
 
 __all__ = ["softmax", "log_softmax", "SoftmaxFunction", "LogSoftmaxFunction"]
 
@@ -27,7 +27,7 @@ class SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
-        y = softmax_forward(x, dim, log=False)
+        y = softmax_forward_op(x, dim, False)
         ctx.save_for_backward(y)
         ctx.dim = dim
         return y
@@ -36,7 +36,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
-        return softmax_backward(y, dy, ctx.dim, log=False), None
+        return softmax_backward_op(y, dy, ctx.dim, False), None
 
 
 class LogSoftmaxFunction(torch.autograd.Function):
@@ -44,7 +44,7 @@ class LogSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
-        y = softmax_forward(x, dim, log=True)
+        y = softmax_forward_op(x, dim, True)
         ctx.save_for_backward(y)
         ctx.dim = dim
         return y
@@ -53,7 +53,7 @@ class LogSoftmaxFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
-        return softmax_backward(y, dy, ctx.dim, log=True), None
+        return softmax_backward_op(y, dy, ctx.dim, True), None
 
 
 def _checked_dim(x: object, dim: object, function: str) -> int:
