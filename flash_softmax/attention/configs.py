@@ -45,22 +45,27 @@ def _shared_memory_limit() -> int:
     return _DEFAULT_SHARED_MEMORY
 
 
-def _estimated_shared_memory(block_rows: int, block_loop: int, head_dim: int, head_dim_v: int, stages: int) -> int:
-    """Bytes of 16-bit tiles a kernel keeps in shared memory: the resident tile plus the pipelined ones."""
+def _estimated_shared_memory(
+    block_rows: int, block_loop: int, head_dim: int, head_dim_v: int, stages: int, element_size: int
+) -> int:
+    """Upper estimate of the bytes of shared memory a kernel needs: its resident tiles plus ``stages``
+    buffers of the tiles it streams."""
     width_qk, width_v = padded_head_dim(head_dim), padded_head_dim(head_dim_v)
     resident = block_rows * (width_qk + width_v)
     pipelined = stages * block_loop * (width_qk + width_v)
-    return 2 * (resident + pipelined)
+    return element_size * (resident + pipelined)
 
 
 def _prune(configs, named_args, **kwargs):
     """Drop configurations whose tiles cannot fit the device's shared memory or whose blocks dwarf the lengths."""
     head_dim, head_dim_v = named_args["HEAD_DIM"], named_args["HEAD_DIM_V"]
+    element_size = named_args["Q"].element_size()
     limit = _shared_memory_limit()
     kept = []
     for config in configs:
         rows, loop = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        if _estimated_shared_memory(rows, loop, head_dim, head_dim_v, config.num_stages) > limit:
+        needed = _estimated_shared_memory(rows, loop, head_dim, head_dim_v, config.num_stages, element_size)
+        if needed > limit:
             continue
         # Wide head dims need narrow tiles to keep the float32 accumulators in registers.
         if max(head_dim, head_dim_v) > 128 and rows * loop > 64 * 64:
