@@ -97,7 +97,7 @@ def check_op(op, x, dim, check_grad=True, dy=None):
 )
 def test_rows(shape, op, dtype):
     expected_tiled = shape[-1] > LIMIT
-    assert choose_config(shape[-1], shape[0]).tiled == expected_tiled
+    assert choose_config(shape[-1], shape[0], columns_contiguous=True).tiled == expected_tiled
     check_op(op, make_input(shape, dtype), -1)
 
 
@@ -296,7 +296,10 @@ def test_special_values(op, regime):
     names, rows = special_rows(length)
     x = rows.to(DEVICE)
     log = op == "log_softmax"
-    config = choose_config(length, 1) if regime == "single block" else KernelConfig(True, 16, 2, 4)
+    if regime == "single block":
+        config = choose_config(length, 1, columns_contiguous=True)
+    else:
+        config = KernelConfig(tiled=True, block_size=16, rows_per_program=2, num_warps=4)
     assert config.tiled == (regime == "tiled")
     y = softmax_forward(x, 1, log=log, config=config)
     expected = getattr(torch, op)(x.double(), 1)
@@ -446,5 +449,6 @@ def test_large(shape, dim, op, dtype):
 
 
 def test_configs_regime_boundary():
-    assert not choose_config(LIMIT, 1).tiled
-    assert choose_config(LIMIT + 1, 1).tiled
+    for columns_contiguous in (True, False):
+        assert not choose_config(LIMIT, 1, columns_contiguous).tiled
+        assert choose_config(LIMIT + 1, 1, columns_contiguous).tiled

@@ -169,7 +169,7 @@ def _launch_backward(
 ) -> None:
     """Launch the backward kernel that ``config`` (or the heuristic) picks, writing dx."""
     if config is None:
-        config = choose_config(layout.n_cols, layout.n_inner)
+        config = choose_config(layout.n_cols, layout.n_inner, columns_contiguous=layout.strides[0][1] == 1)
     kernel = _softmax_backward_tiled_kernel if config.tiled else _softmax_backward_single_block_kernel
     grid = (layout.n_outer * triton.cdiv(layout.n_inner, config.rows_per_program),)
     with device_guard(y):

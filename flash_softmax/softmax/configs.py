@@ -64,11 +64,16 @@ def _num_warps_for(tile_elements: int) -> int:
     return max(4, min(16, triton.next_power_of_2(tile_elements) // (16 * 32)))
 
 
-def choose_config(n_cols: int, n_inner: int) -> KernelConfig:
+def choose_config(n_cols: int, n_inner: int, columns_contiguous: bool) -> KernelConfig:
     """The launch configuration for rows of ``n_cols`` columns, ``n_inner`` of them side by side.
 
-    ``n_inner`` bounds ``rows_per_program``: a program only packs rows that are neighbours in the inner
-    row index (see ``layout.py``), so packing more than ``n_inner`` would only add masked lanes.
+    Args:
+        n_cols: the row length.
+        n_inner: the number of inner rows (see ``layout.py``). A program only packs rows that are
+            neighbours in the inner index, so packing more than ``n_inner`` would only add masked lanes.
+        columns_contiguous: the columns of a row are adjacent in memory (a reduction along the last dim
+            of a row-major tensor). Otherwise the neighbouring inner rows usually are, and a tile must span
+            several rows for its loads to be contiguous.
     """
     columns = triton.next_power_of_2(max(n_cols, 1))
     inner = triton.next_power_of_2(max(n_inner, 1))
@@ -83,8 +88,9 @@ def choose_config(n_cols: int, n_inner: int) -> KernelConfig:
     if columns <= GPU_SINGLE_BLOCK_LIMIT:
         rows = min(inner, max(1, GPU_TILE_ELEMENTS // columns))
         return KernelConfig(False, columns, rows, _num_warps_for(rows * columns))
-    # A long row reduced along a strided dim, with rows next to each other in memory (dim != -1), reads
-    # coalesced only if a tile spans several rows; for dim == -1 (n_inner == 1) a tile is one row.
-    rows = min(inner, 16)
+    # A long row: one program per row when its columns are contiguous, so that a handful of long rows
+    # still spreads over as many programs as there are rows. Rows strided in memory are read a few
+    # neighbours at a time instead, which keeps the loads of a tile contiguous.
+    rows = 1 if columns_contiguous else min(inner, 16)
     block_size = GPU_TILED_TILE_ELEMENTS // rows
     return KernelConfig(True, block_size, rows, _num_warps_for(GPU_TILED_TILE_ELEMENTS))
