@@ -20,15 +20,17 @@ import triton.language as tl
 
 from flash_softmax.attention import configs
 from flash_softmax.attention.common import (
-    LOG2E,
     LOG2E_CONSTEXPR,
     block_and_head,
-    key_blocks_for_queries,
+    key_range,
+    load_bias,
     load_tile,
+    logits,
     mma_operand,
-    query_blocks_for_keys,
+    query_range,
+    visible,
 )
-from flash_softmax.attention.forward import interpreter_upcast
+from flash_softmax.attention.options import KernelOptions
 
 
 @triton.jit(do_not_specialize=["seqlen_q"])
@@ -65,12 +67,23 @@ def _load_row_stats(LSE, Delta, rows, row_mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _score_gradient(p, dp, delta, capped, HAS_SOFTCAP: tl.constexpr):
+    """``dS = P * (dP - delta)`` with respect to ``scale * q.k``; through the softcap, times ``1 - tanh²``."""
+    ds = p * (dp - delta)
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - capped * capped)
+    return ds
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
-    q_ptrs, do_ptrs, LSE, Delta, stride_qm, stride_dom,
+    q_ptrs, do_ptrs, LSE, Delta, bias_ptr, stride_qm, stride_dom, stride_bm, stride_bn,
     offs_m, offs_n, mask_d, mask_dv,
-    start_m, end_m, seqlen_q, seqlen_k, qk_scale,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    start_m, end_m, seqlen_q, seqlen_k, window_left, window_right,
+    qk_scale, softcap_scale, softcap_log2,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Accumulate the contribution of query rows ``[start_m, end_m)`` of one head to this key block.
@@ -94,16 +107,19 @@ def _attn_bwd_dkdv_inner(
         q = mma_operand(q, DOT_DTYPE, UPCAST)
         do = mma_operand(do, DOT_DTYPE, UPCAST)
 
-        scores_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+        qk_t = tl.dot(k, tl.trans(q), input_precision="ieee")
+        bias = 0.0
+        if BIAS_KIND != 0:
+            bias = load_bias(bias_ptr, rows[None, :], offs_n[:, None], stride_bm, stride_bn, seqlen_q, seqlen_k)
+        scores_t, capped_t = logits(qk_t, bias, qk_scale, softcap_scale, softcap_log2, HAS_SOFTCAP, BIAS_KIND)
         p_t = tl.math.exp2(scores_t - lse2[None, :])
         if MASKED:
-            keep = row_mask[None, :] & (offs_n[:, None] < seqlen_k)
-            if IS_CAUSAL:
-                keep = keep & (offs_n[:, None] <= rows[None, :] + (seqlen_k - seqlen_q))
+            keep = visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, window_left, window_right,
+                           HAS_LEFT, HAS_RIGHT)
             p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(mma_operand(p_t, DOT_DTYPE, UPCAST), do, dv, input_precision="ieee")
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = _score_gradient(p_t, dp_t, delta[None, :], capped_t, HAS_SOFTCAP)
         dk = tl.dot(mma_operand(ds_t, DOT_DTYPE, UPCAST), q, dk, input_precision="ieee")
         q_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
@@ -113,18 +129,20 @@ def _attn_bwd_dkdv_inner(
 @triton.autotune(configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.PRUNE)
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, LSE, Delta, DK, DV,
+    Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    num_heads_q, group_size, seqlen_q, seqlen_k, softmax_scale, qk_scale,
+    num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+    softmax_scale, qk_scale, softcap_scale, softcap_log2,
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(cdiv(Sk, BLOCK_N) * B * Hkv,)``. Sums over the ``group_size`` query heads of the K/V head in a
     fixed order inside the program, so grouped-query gradients need no atomics either."""
@@ -155,31 +173,34 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    begin, full_begin, full_end = query_blocks_for_keys(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    diagonal_end = tl.minimum(full_begin, seqlen_q)
-    tail_begin = tl.maximum(full_begin, full_end)
+    begin, full_begin, full_end, end = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                                   BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for member in range(0, group_size):
         head = head_kv * group_size + member
         q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
                   + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
         do_ptrs = (DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
                    + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :])
+        bias_ptr = Bias + batch.to(tl.int64) * stride_bb + head.to(tl.int64) * stride_bh
         row_stats = (batch * num_heads_q + head).to(tl.int64) * seqlen_q
-        lse_ptr = LSE + row_stats
-        delta_ptr = Delta + row_stats
-        # Blocks crossing the causal diagonal, then the unmasked interior, then the partial last block.
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
-            offs_m, offs_n, mask_d, mask_dv, begin, diagonal_end, seqlen_q, seqlen_k, qk_scale,
-            BLOCK_M, True, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
-            offs_m, offs_n, mask_d, mask_dv, full_begin, full_end, seqlen_q, seqlen_k, qk_scale,
-            BLOCK_M, False, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
-            offs_m, offs_n, mask_d, mask_dv, tail_begin, seqlen_q, seqlen_q, seqlen_k, qk_scale,
-            BLOCK_M, True, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+        # Masked query blocks at the band's edge, the mask-free interior, masked blocks at the far edge / end.
+        for stage in tl.static_range(3):
+            if stage == 0:
+                stage_begin = begin
+                stage_end = tl.minimum(full_begin, end)
+            elif stage == 1:
+                stage_begin = full_begin
+                stage_end = full_end
+            else:
+                stage_begin = tl.maximum(full_begin, full_end)
+                stage_end = end
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_stats, Delta + row_stats, bias_ptr,
+                stride_qm, stride_dom, stride_bm, stride_bn, offs_m, offs_n, mask_d, mask_dv,
+                stage_begin, stage_end, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, softcap_scale, softcap_log2,
+                BLOCK_M, stage != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, PAD_D, PAD_DV, DOT_DTYPE,
+                UPCAST)
 
     dk = dk * softmax_scale
     dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + head_kv.to(tl.int64) * stride_dkh + key_rows * stride_dkn
@@ -193,10 +214,12 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta,
-    k_ptrs, v_ptrs, stride_kn, stride_vn,
+    k_ptrs, v_ptrs, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
     offs_m, offs_n, mask_d, mask_dv,
-    start_n, end_n, seqlen_q, seqlen_k, qk_scale,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    start_n, end_n, seqlen_q, seqlen_k, window_left, window_right,
+    qk_scale, softcap_scale, softcap_log2,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Accumulate ``dQ += dS K`` over keys ``[start_n, end_n)`` (scale applied after the loop)."""
@@ -212,15 +235,18 @@ def _attn_bwd_dq_inner(
             v = load_tile(v_ptrs, mask_dv[None, :], PAD_DV)
         k = mma_operand(k, DOT_DTYPE, UPCAST)
         v = mma_operand(v, DOT_DTYPE, UPCAST)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        bias = 0.0
+        if BIAS_KIND != 0:
+            bias = load_bias(bias_ptr, offs_m[:, None], cols[None, :], stride_bm, stride_bn, seqlen_q, seqlen_k)
+        scores, capped = logits(qk, bias, qk_scale, softcap_scale, softcap_log2, HAS_SOFTCAP, BIAS_KIND)
         p = tl.math.exp2(scores - lse2[:, None])
         if MASKED:
-            keep = cols[None, :] < seqlen_k
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q))
+            keep = visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right,
+                           HAS_LEFT, HAS_RIGHT)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        ds = p * (dp - delta[:, None])
+        ds = _score_gradient(p, dp, delta[:, None], capped, HAS_SOFTCAP)
         dq = tl.dot(mma_operand(ds, DOT_DTYPE, UPCAST), k, dq, input_precision="ieee")
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -230,17 +256,19 @@ def _attn_bwd_dq_inner(
 @triton.autotune(configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.PRUNE)
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dq_kernel(
-    Q, K, V, DOut, LSE, Delta, DQ,
+    Q, K, V, Bias, DOut, LSE, Delta, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    num_heads_q, group_size, seqlen_q, seqlen_k, softmax_scale, qk_scale,
+    num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+    softmax_scale, qk_scale, softcap_scale, softcap_log2,
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
@@ -275,15 +303,24 @@ def _attn_bwd_dq_kernel(
               + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :])
     v_ptrs = (V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
               + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :])
-    full_end, end = key_blocks_for_queries(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, mask_d, mask_dv,
-        start_m * 0, full_end, seqlen_q, seqlen_k, qk_scale,
-        BLOCK_N, False, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, mask_d, mask_dv,
-        full_end, end, seqlen_q, seqlen_k, qk_scale,
-        BLOCK_N, True, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+    bias_ptr = Bias + batch.to(tl.int64) * stride_bb + head.to(tl.int64) * stride_bh
+    begin, full_begin, full_end, end = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                                 BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for stage in tl.static_range(3):
+        if stage == 0:
+            stage_begin = begin
+            stage_end = tl.minimum(full_begin, end)
+        elif stage == 1:
+            stage_begin = full_begin
+            stage_end = full_end
+        else:
+            stage_begin = tl.maximum(full_begin, full_end)
+            stage_end = end
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
+            offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
+            window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+            BLOCK_N, stage != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
 
     dq = dq * softmax_scale
     tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + rows * stride_dqm
@@ -294,25 +331,25 @@ def attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor,
-    causal: bool, softmax_scale: float,
+    options: KernelOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels.
 
     Args:
         dout: ``(B, Hq, Sq, Dv)`` gradient of the output, contiguous last dim, any other strides.
         q, k, v, out, lse: as saved by ``attention_forward``.
-        causal, softmax_scale: as in the forward.
+        options: the forward's options.
 
     Returns:
         ``dq, dk, dv`` with the shapes, dtypes and memory layouts of ``q, k, v``.
     """
-    batch, heads_q, seqlen_q, head_dim = q.shape
+    batch, heads_q, seqlen_q, _ = q.shape
     heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if batch * heads_q == 0:
         return dq, dk, dv
     delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    block_dv = configs.padded_head_dim(head_dim_v)
+    constexprs = options.constexprs(q, v)
     if seqlen_q > 0:
         block_m = configs.PREPROCESS_BLOCK_M
         _attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, block_m) * batch * heads_q,)](
@@ -320,39 +357,35 @@ def attention_backward(
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             heads_q, seqlen_q,
-            HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, BLOCK_M=block_m,
+            HEAD_DIM_V=head_dim_v, BLOCK_DV=constexprs["BLOCK_DV"], BLOCK_M=block_m,
         )
 
-    shared = dict(
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=configs.padded_head_dim(head_dim), BLOCK_DV=block_dv,
-        IS_CAUSAL=causal, UPCAST=interpreter_upcast(q.dtype),
-    )
-    sizes = (heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, softmax_scale, softmax_scale * LOG2E,
-             configs.length_bucket(seqlen_q), configs.length_bucket(seqlen_k))
+    bias, bias_strides = options.bias_operand(q)
     input_strides = (
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        *bias_strides,
         dout.stride(0), dout.stride(1), dout.stride(2),
     )
+    runtime = options.runtime_arguments(q, k)
     if seqlen_k > 0:
         def dkdv_grid(meta):
             return (triton.cdiv(seqlen_k, meta["BLOCK_N"]) * batch * heads_kv,)
 
         _attn_bwd_dkdv_kernel[dkdv_grid](
-            q, k, v, dout, lse, delta, dk, dv, *input_strides,
+            q, k, v, bias, dout, lse, delta, dk, dv, *input_strides,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            *sizes, **shared,
+            *runtime, **constexprs,
         )
     if seqlen_q > 0:
         def dq_grid(meta):
             return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * heads_q,)
 
         _attn_bwd_dq_kernel[dq_grid](
-            q, k, v, dout, lse, delta, dq, *input_strides,
+            q, k, v, bias, dout, lse, delta, dq, *input_strides,
             dq.stride(0), dq.stride(1), dq.stride(2),
-            *sizes, **shared,
+            *runtime, **constexprs,
         )
     return dq, dk, dv

@@ -80,3 +80,51 @@ def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
     if not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     return float(softmax_scale)
+
+
+def resolve_window(window_size, causal: bool) -> tuple[int, int]:
+    """``(left, right)`` with -1 for unbounded; causal sets ``right = 0`` (SPEC: causal is ``(left, 0)``)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a (left, right) pair of ints, got {window_size!r}")
+    for side, value in zip(("left", "right"), window_size):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"window_size {side} must be an int, got {type(value).__name__} {value!r}")
+        if value < -1:
+            raise ValueError(f"window_size {side} must be -1 (unbounded) or >= 0, got {value}")
+    left, right = int(window_size[0]), int(window_size[1])
+    return left, 0 if causal else right
+
+
+def resolve_softcap(softcap) -> float:
+    """0 disables the cap; otherwise a finite positive number."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be 0 (off) or a finite positive number, got {softcap}")
+    return float(softcap)
+
+
+def expand_attn_bias(attn_bias, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The bias as a ``(B, Hq, Sq, Sk)`` view: broadcast dims get stride 0, nothing is copied."""
+    if attn_bias is None:
+        return None
+    if not isinstance(attn_bias, torch.Tensor):
+        raise TypeError(f"attn_bias must be a torch.Tensor or None, got {type(attn_bias).__name__}")
+    if attn_bias.dtype != torch.bool and not attn_bias.dtype.is_floating_point:
+        raise TypeError(f"attn_bias must be a bool mask or a floating tensor, got {attn_bias.dtype}")
+    if attn_bias.device != q.device:
+        raise ValueError(f"attn_bias must be on q's device {q.device}, got {attn_bias.device}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if attn_bias.dim() > 4 or not _broadcasts_to(attn_bias.shape, target):
+        raise ValueError(
+            f"attn_bias of shape {tuple(attn_bias.shape)} does not broadcast to (B, Hq, Sq, Sk) = {target}"
+        )
+    return attn_bias.expand(target)
+
+
+def _broadcasts_to(shape, target) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target`` (never enlarging it)."""
+    try:
+        return tuple(torch.broadcast_shapes(shape, target)) == tuple(target)
+    except RuntimeError:
+        return False

@@ -49,41 +49,100 @@ def load_tile(ptrs, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def key_blocks_for_queries(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           IS_CAUSAL: tl.constexpr):
-    """Key range of the query block ``[start_m, start_m + BLOCK_M)``.
+def key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Keys seen by the query block ``[start_m, start_m + BLOCK_M)``: ``(begin, full_begin, full_end, end)``.
 
-    Returns ``(full_end, end)``: keys ``[0, full_end)`` come in whole blocks every row of the query block
-    sees, so they need no mask; keys ``[full_end, end)`` need one (causal diagonal, or the last partial
-    block); keys from ``end`` on are seen by no row and are skipped. ``full_end`` is a multiple of BLOCK_N.
+    Row ``i`` sees key ``j`` iff ``i + diagonal - left <= j <= i + diagonal + right`` with
+    ``diagonal = Sk - Sq`` (a bound is absent without HAS_LEFT / HAS_RIGHT; causal is right = 0). Keys
+    outside ``[begin, end)`` are seen by no row and never visited; whole blocks in ``[full_begin, full_end)``
+    are seen by every row and in bounds, so they need no mask. ``begin``, ``full_begin`` and ``full_end``
+    are multiples of BLOCK_N; ``full_begin > full_end`` means no block is mask-free.
     """
+    diagonal = seqlen_k - seqlen_q
+    begin = start_m * 0
+    end = begin + seqlen_k
+    full_begin = begin
     full_end = seqlen_k // BLOCK_N * BLOCK_N
-    end = seqlen_k
-    if IS_CAUSAL:
-        diagonal = seqlen_k - seqlen_q
-        end = tl.minimum(end, tl.maximum(start_m + BLOCK_M + diagonal, 0))
-        # The first row of the block sees keys up to start_m + diagonal; whole blocks below that are unmasked.
-        full_end = tl.minimum(full_end, tl.maximum(start_m + diagonal + 1, 0) // BLOCK_N * BLOCK_N)
-    return full_end, end
+    if HAS_RIGHT:
+        end = tl.minimum(end, tl.maximum(start_m + BLOCK_M + diagonal + window_right, 0))
+        # The block's first row has the lowest upper bound.
+        full_end = tl.minimum(full_end, tl.maximum(start_m + diagonal + window_right + 1, 0) // BLOCK_N * BLOCK_N)
+    if HAS_LEFT:
+        begin = tl.maximum(start_m + diagonal - window_left, 0) // BLOCK_N * BLOCK_N
+        # The block's last row has the highest lower bound.
+        full_begin = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + diagonal - window_left, 0), BLOCK_N) * BLOCK_N
+    return begin, full_begin, full_end, end
 
 
 @triton.jit
-def query_blocks_for_keys(start_n, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          IS_CAUSAL: tl.constexpr):
-    """Query range that sees the key block ``[start_n, start_n + BLOCK_N)``.
-
-    Returns ``(begin, full_begin, full_end)``: query blocks ``[begin, full_begin)`` cross the causal
-    diagonal (masked), ``[full_begin, full_end)`` see every key of the block and lie inside ``seqlen_q``
-    (unmasked), and ``[max(full_begin, full_end), seqlen_q)`` is the masked partial last block. Rows before
-    ``begin`` see none of these keys. ``begin``, ``full_begin`` and ``full_end`` are multiples of BLOCK_M.
-    """
+def query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Queries that see the key block ``[start_n, start_n + BLOCK_N)``: ``(begin, full_begin, full_end, end)``,
+    with the same meaning as in ``key_range`` seen from the keys' side (multiples of BLOCK_M)."""
+    diagonal = seqlen_k - seqlen_q
     begin = start_n * 0
+    end = begin + seqlen_q
     full_begin = begin
     full_end = seqlen_q // BLOCK_M * BLOCK_M
-    if IS_CAUSAL:
-        diagonal = seqlen_k - seqlen_q
-        begin = tl.maximum(start_n - diagonal, 0) // BLOCK_M * BLOCK_M
-        # Row i sees the whole key block once i >= start_n + BLOCK_N - 1 - diagonal; round up to a block.
-        first_full_row = tl.maximum(start_n + BLOCK_N - 1 - diagonal, 0)
-        full_begin = tl.cdiv(first_full_row, BLOCK_M) * BLOCK_M
-    return begin, full_begin, full_end
+    if HAS_RIGHT:
+        begin = tl.maximum(start_n - diagonal - window_right, 0) // BLOCK_M * BLOCK_M
+        full_begin = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diagonal - window_right, 0), BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        end = tl.minimum(end, tl.maximum(start_n + BLOCK_N - diagonal + window_left, 0))
+        full_end = tl.minimum(full_end, tl.maximum(start_n - diagonal + window_left + 1, 0) // BLOCK_M * BLOCK_M)
+    return begin, full_begin, full_end, end
+
+
+@triton.jit
+def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Bool tile: query ``rows`` and key ``cols`` (broadcastable index tiles) in bounds and inside the band."""
+    keep = (rows < seqlen_q) & (cols < seqlen_k)
+    diagonal = seqlen_k - seqlen_q
+    if HAS_RIGHT:
+        keep = keep & (cols <= rows + diagonal + window_right)
+    if HAS_LEFT:
+        keep = keep & (cols >= rows + diagonal - window_left)
+    return keep
+
+
+@triton.jit
+def tanh(x):
+    """tanh to float32 accuracy from exp2 (the interpreter has no libdevice): an odd Taylor polynomial
+    near 0, where ``(1 - e) / (1 + e)`` would cancel, and that form elsewhere."""
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    e = tl.math.exp2(-2.0 * LOG2E_CONSTEXPR * tl.abs(x))
+    closed = (1.0 - e) / (1.0 + e)
+    closed = tl.where(x < 0, -closed, closed)
+    return tl.where(tl.abs(x) < 0.25, series, closed)
+
+
+@triton.jit
+def logits(qk, bias, qk_scale, softcap_scale, softcap_log2,
+           HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr):
+    """Base-2 logits of a tile of ``q @ k.T`` products, and the softcap's tanh (for its derivative).
+
+    ``s = scale * qk``, then ``softcap * tanh(s / softcap)`` when HAS_SOFTCAP, then the bias: added
+    (BIAS_KIND 1) or a keep-mask (BIAS_KIND 2). Everything is kept in base 2 (times log2 e) for exp2.
+    """
+    if HAS_SOFTCAP:
+        capped = tanh(qk * softcap_scale)
+        scores = capped * softcap_log2
+    else:
+        capped = qk
+        scores = qk * qk_scale
+    if BIAS_KIND == 1:
+        scores = scores + bias.to(tl.float32) * LOG2E_CONSTEXPR
+    if BIAS_KIND == 2:
+        scores = tl.where(bias, scores, float("-inf"))
+    return scores, capped
+
+
+@triton.jit
+def load_bias(bias_ptr, rows, cols, stride_bm, stride_bn, seqlen_q, seqlen_k):
+    """Bias tile at (``rows``, ``cols``) (broadcastable index tiles); broadcast dims have stride 0."""
+    in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
+    ptrs = bias_ptr + rows.to(tl.int64) * stride_bm + cols.to(tl.int64) * stride_bn
+    return tl.load(ptrs, mask=in_bounds, other=0)

@@ -104,7 +104,10 @@ def backward_configs():
 PREPROCESS_BLOCK_M = _INTERPRETER_BLOCK if INTERPRETED else 64
 
 #: Keys the autotuner separates results by (the seqlen ones are bucketed by the launchers).
-AUTOTUNE_KEY = ["SEQLEN_Q_BUCKET", "SEQLEN_K_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL"]
+AUTOTUNE_KEY = [
+    "SEQLEN_Q_BUCKET", "SEQLEN_K_BUCKET", "HEAD_DIM", "HEAD_DIM_V",
+    "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "BIAS_KIND",
+]
 PRUNE = {"early_config_prune": _prune}
 #: Size arguments that may equal 1: Triton would otherwise turn them into compile-time constants,
 #: recompiling per value and breaking code that treats them as runtime integers.

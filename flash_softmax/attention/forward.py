@@ -5,6 +5,9 @@ K/V tiles of the matching key/value head, and keeps per row the running max ``m`
 of ``exp2(s - m)`` (scores in base 2: log2(e) is folded into the scale) next to a float32 accumulator
 that is rescaled whenever the max grows. At the end it writes ``O = acc / l`` and the natural-log
 ``lse = (m + log2 l) * ln 2`` that the backward uses to recompute P.
+
+Key blocks outside the causal / sliding-window band are never visited; blocks wholly inside it skip
+the mask; only blocks that cross its edges or the end of the sequence pay for it.
 """
 
 from __future__ import annotations
@@ -13,28 +16,32 @@ import torch
 import triton
 import triton.language as tl
 
-from flash_softmax._backend import INTERPRETED
 from flash_softmax.attention import configs
 from flash_softmax.attention.common import (
     LN2_CONSTEXPR,
-    LOG2E,
     block_and_head,
-    key_blocks_for_queries,
+    key_range,
+    load_bias,
     load_tile,
+    logits,
     mma_operand,
+    visible,
 )
+from flash_softmax.attention.options import KernelOptions
 
 
 @triton.jit
 def _attn_fwd_inner(
     acc, m_i, l_i, q,
-    k_ptrs, v_ptrs, stride_kn, stride_vn,
+    k_ptrs, v_ptrs, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
     offs_m, offs_n, mask_d, mask_dv,
-    start_n, end_n, seqlen_q, seqlen_k, qk_scale,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    start_n, end_n, seqlen_q, seqlen_k, window_left, window_right,
+    qk_scale, softcap_scale, softcap_log2,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Fold keys ``[start_n, end_n)`` into ``(acc, m_i, l_i)``; ``MASKED`` blocks apply bounds and causality."""
+    """Fold keys ``[start_n, end_n)`` into ``(acc, m_i, l_i)``; ``MASKED`` blocks apply bounds and the band."""
     k_ptrs += start_n.to(tl.int64) * stride_kn
     v_ptrs += start_n.to(tl.int64) * stride_vn
     for block_start in range(start_n, end_n, BLOCK_N):
@@ -45,11 +52,14 @@ def _attn_fwd_inner(
         else:
             k = load_tile(k_ptrs, mask_d[:, None], PAD_D)
             v = load_tile(v_ptrs, mask_dv[None, :], PAD_DV)
-        scores = tl.dot(q, mma_operand(k, DOT_DTYPE, UPCAST), input_precision="ieee") * qk_scale
+        qk = tl.dot(q, mma_operand(k, DOT_DTYPE, UPCAST), input_precision="ieee")
+        bias = 0.0
+        if BIAS_KIND != 0:
+            bias = load_bias(bias_ptr, offs_m[:, None], cols[None, :], stride_bm, stride_bn, seqlen_q, seqlen_k)
+        scores, _ = logits(qk, bias, qk_scale, softcap_scale, softcap_log2, HAS_SOFTCAP, BIAS_KIND)
         if MASKED:
-            keep = cols[None, :] < seqlen_k
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q))
+            keep = visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right,
+                           HAS_LEFT, HAS_RIGHT)
             scores = tl.where(keep, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         # A row that has seen no key yet keeps m = -inf; subtracting 0 there avoids (-inf) - (-inf) = NaN.
@@ -69,19 +79,24 @@ def _attn_fwd_inner(
 @triton.autotune(configs=configs.forward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.PRUNE)
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_fwd_kernel(
-    Q, K, V, Out, LSE,
+    Q, K, V, Bias, Out, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ob, stride_oh, stride_om,
-    num_heads_q, group_size, seqlen_q, seqlen_k, qk_scale,
+    num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+    softmax_scale, qk_scale, softcap_scale, softcap_log2,
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``. Last dims are contiguous; every other stride is passed."""
+    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``. Last dims of Q/K/V/Out are contiguous; every other stride
+    is passed, and the bias's broadcast dims have stride 0."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
     block_m, batch_head = block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
     start_m = block_m * BLOCK_M
     batch = batch_head // num_heads_q
@@ -94,8 +109,6 @@ def _attn_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_d = offs_d < HEAD_DIM
     mask_dv = offs_dv < HEAD_DIM_V
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
 
     # 64-bit offsets: B * H * S * D may exceed 2**31 elements.
     q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
@@ -104,6 +117,7 @@ def _attn_fwd_kernel(
               + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None])
     v_ptrs = (V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
               + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :])
+    bias_ptr = Bias + batch.to(tl.int64) * stride_bb + head.to(tl.int64) * stride_bh
 
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & mask_d[None, :], other=0.0)
     q = mma_operand(q, DOT_DTYPE, UPCAST)
@@ -112,15 +126,24 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    full_end, end = key_blocks_for_queries(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, m_i, l_i = _attn_fwd_inner(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, mask_d, mask_dv,
-        start_m * 0, full_end, seqlen_q, seqlen_k, qk_scale,
-        BLOCK_N, False, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
-    acc, m_i, l_i = _attn_fwd_inner(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, mask_d, mask_dv,
-        full_end, end, seqlen_q, seqlen_k, qk_scale,
-        BLOCK_N, True, IS_CAUSAL, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+    begin, full_begin, full_end, end = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                                 BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # Masked blocks at the band's left edge, mask-free interior, masked blocks at the right edge / the end.
+    for stage in tl.static_range(3):
+        if stage == 0:
+            stage_begin = begin
+            stage_end = tl.minimum(full_begin, end)
+        elif stage == 1:
+            stage_begin = full_begin
+            stage_end = full_end
+        else:
+            stage_begin = tl.maximum(full_begin, full_end)
+            stage_end = end
+        acc, m_i, l_i = _attn_fwd_inner(
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
+            offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
+            window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+            BLOCK_N, stage != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
 
     # A row that saw no key has l = 0: its output is 0 and its lse -inf, never NaN.
     empty_row = l_i == 0.0
@@ -135,28 +158,21 @@ def _attn_fwd_kernel(
     tl.store(LSE + batch_head.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
 
 
-def interpreter_upcast(dtype: torch.dtype) -> bool:
-    """Whether ``tl.dot`` operands must be widened to float32 (bfloat16 under the interpreter)."""
-    return INTERPRETED and dtype == torch.bfloat16
-
-
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: KernelOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
         q: ``(B, Hq, Sq, D)``, k: ``(B, Hkv, Sk, D)``, v: ``(B, Hkv, Sk, Dv)``, all with a contiguous last dim.
-        causal: bottom-right aligned causal mask.
-        softmax_scale: multiplies ``q @ k.T`` before the softmax.
+        options: scale, band, softcap and bias, already validated.
 
     Returns:
         ``out (B, Hq, Sq, Dv)`` in q's dtype, and ``lse (B, Hq, Sq)`` float32 (natural log, -inf for a row
         that sees no key).
     """
-    batch, heads_q, seqlen_q, head_dim = q.shape
-    heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty((batch, heads_q, seqlen_q, head_dim_v), dtype=q.dtype, device=q.device)
+    batch, heads_q, seqlen_q, _ = q.shape
+    out = torch.empty((batch, heads_q, seqlen_q, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
@@ -164,16 +180,15 @@ def attention_forward(
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * heads_q,)
 
+    bias, bias_strides = options.bias_operand(q)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, bias, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        *bias_strides,
         out.stride(0), out.stride(1), out.stride(2),
-        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, softmax_scale * LOG2E,
-        configs.length_bucket(seqlen_q), configs.length_bucket(seqlen_k),
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=configs.padded_head_dim(head_dim), BLOCK_DV=configs.padded_head_dim(head_dim_v),
-        IS_CAUSAL=causal, UPCAST=interpreter_upcast(q.dtype),
+        *options.runtime_arguments(q, k),
+        **options.constexprs(q, v),
     )
     return out, lse

@@ -1,0 +1,67 @@
+"""The validated options of one attention call, turned into kernel arguments in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flash_softmax.attention import configs
+from flash_softmax.attention.common import LOG2E
+from flash_softmax._backend import INTERPRETED
+
+# How the kernels treat ``attn_bias`` (the BIAS_KIND constexpr).
+NO_BIAS, ADDITIVE_BIAS, KEEP_MASK = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Everything but the tensors q, k, v that the kernels need.
+
+    ``window_left`` / ``window_right`` are -1 for an unbounded side; causal has already been folded in
+    as ``window_right = 0``. ``attn_bias`` is None or a ``(B, Hq, Sq, Sk)`` view with stride 0 along the
+    broadcast dims.
+    """
+
+    softmax_scale: float
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    attn_bias: torch.Tensor | None = None
+
+    @property
+    def bias_kind(self) -> int:
+        if self.attn_bias is None:
+            return NO_BIAS
+        return KEEP_MASK if self.attn_bias.dtype == torch.bool else ADDITIVE_BIAS
+
+    def bias_operand(self, q: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """The bias tensor and its four strides; without a bias, any valid pointer (never read) and zeros."""
+        if self.attn_bias is None:
+            return q, (0, 0, 0, 0)
+        return self.attn_bias, tuple(self.attn_bias.stride())
+
+    def runtime_arguments(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
+        """Sizes, band and scales, in the order every attention kernel declares them."""
+        heads_q, seqlen_q = q.shape[1], q.shape[2]
+        heads_kv, seqlen_k = k.shape[1], k.shape[2]
+        softcap = self.softcap
+        return (
+            heads_q, heads_q // heads_kv, seqlen_q, seqlen_k,
+            max(self.window_left, 0), max(self.window_right, 0),
+            self.softmax_scale, self.softmax_scale * LOG2E,
+            self.softmax_scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
+            configs.length_bucket(seqlen_q), configs.length_bucket(seqlen_k),
+        )
+
+    def constexprs(self, q: torch.Tensor, v: torch.Tensor) -> dict:
+        """Compile-time switches: head dims and their padded tiles, which masks and transforms apply."""
+        head_dim, head_dim_v = q.shape[3], v.shape[3]
+        return dict(
+            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+            BLOCK_D=configs.padded_head_dim(head_dim), BLOCK_DV=configs.padded_head_dim(head_dim_v),
+            HAS_LEFT=self.window_left >= 0, HAS_RIGHT=self.window_right >= 0,
+            HAS_SOFTCAP=self.softcap > 0, BIAS_KIND=self.bias_kind,
+            # tl.dot on bfloat16 multiplies raw bits in the interpreter: widen its operands there.
+            UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
+        )
