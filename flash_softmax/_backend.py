@@ -7,6 +7,8 @@ below always agrees with the kernels that were actually built.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
@@ -21,3 +23,8 @@ def backend_for(device: torch.device) -> str:
     if device.type == "cpu" and INTERPRETED:
         return "triton-interpreter"
     return "torch"
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s GPU the current one, on which Triton launches; nothing to do on a CPU."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -28,6 +28,7 @@ from flash_softmax.attention.common import (
     logits,
     mma_operand,
     query_range,
+    to_input_dtype,
     visible,
 )
 from flash_softmax.attention.options import KernelOptions
@@ -207,8 +208,8 @@ def _attn_bwd_dkdv_kernel(
                + offs_d[None, :])
     dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb + head_kv.to(tl.int64) * stride_dvh + key_rows * stride_dvn
                + offs_dv[None, :])
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=key_mask & mask_d[None, :])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_mask & mask_dv[None, :])
+    tl.store(dk_ptrs, to_input_dtype(dk, DOT_DTYPE, UPCAST), mask=key_mask & mask_d[None, :])
+    tl.store(dv_ptrs, to_input_dtype(dv, DOT_DTYPE, UPCAST), mask=key_mask & mask_dv[None, :])
 
 
 @triton.jit
@@ -324,7 +325,7 @@ def _attn_bwd_dq_kernel(
 
     dq = dq * softmax_scale
     tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + rows * stride_dqm
-             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask[:, None] & mask_d[None, :])
+             + offs_d[None, :], to_input_dtype(dq, DOT_DTYPE, UPCAST), mask=row_mask[:, None] & mask_d[None, :])
 
 
 def attention_backward(

@@ -9,11 +9,22 @@ are never visited.
 import triton
 import triton.language as tl
 
+from flash_softmax._triton_helpers import round_to_bfloat16
+
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): converts a base-2 logsumexp back to the natural log
 # The same constants for use inside kernels (a jitted function may only read constexpr globals).
 LOG2E_CONSTEXPR = tl.constexpr(LOG2E)
 LN2_CONSTEXPR = tl.constexpr(LN2)
+
+
+@triton.jit
+def to_input_dtype(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """Round float32 ``x`` to the input dtype. ``UPCAST`` (bfloat16 under the interpreter) rounds on the
+    bit pattern, as the GPU does, where the interpreter's own conversion would truncate."""
+    if UPCAST:
+        return round_to_bfloat16(x.to(tl.float32))
+    return x.to(DTYPE)
 
 
 @triton.jit
@@ -23,7 +34,7 @@ def mma_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     Under Triton's interpreter ``tl.dot`` on bfloat16 multiplies raw bit patterns, so there the rounded
     value is widened back to float32 (``UPCAST``): same rounding, exact product.
     """
-    x = x.to(DTYPE)
+    x = to_input_dtype(x, DTYPE, UPCAST)
     if UPCAST:
         x = x.to(tl.float32)
     return x

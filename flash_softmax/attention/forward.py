@@ -25,6 +25,7 @@ from flash_softmax.attention.common import (
     load_tile,
     logits,
     mma_operand,
+    to_input_dtype,
     visible,
 )
 from flash_softmax.attention.options import KernelOptions
@@ -154,7 +155,7 @@ def _attn_fwd_kernel(
     row_ok = offs_m < seqlen_q
     o_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
               + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :])
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & mask_dv[None, :])
+    tl.store(o_ptrs, to_input_dtype(out, DOT_DTYPE, UPCAST), mask=row_ok[:, None] & mask_dv[None, :])
     tl.store(LSE + batch_head.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
 
 

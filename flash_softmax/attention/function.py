@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from flash_softmax import reference
-from flash_softmax._backend import backend_for
+from flash_softmax._backend import backend_for, device_guard
 from flash_softmax.attention.backward import attention_backward
 from flash_softmax.attention.checks import (
     check_attention_inputs,
@@ -31,7 +31,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, options: KernelOptions):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        out, lse = attention_forward(q, k, v, options)
+        with device_guard(q):  # Triton launches on the current device
+            out, lse = attention_forward(q, k, v, options)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = options
         ctx.mark_non_differentiable(lse)
@@ -40,7 +41,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(_last_dim_contiguous(dout), q, k, v, out, lse, ctx.options)
+        with device_guard(q):
+            dq, dk, dv = attention_backward(_last_dim_contiguous(dout), q, k, v, out, lse, ctx.options)
         return dq, dk, dv, None
 
 

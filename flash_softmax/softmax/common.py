@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from flash_softmax._backend import INTERPRETED
+from flash_softmax._triton_helpers import round_to_bfloat16
 
 
 @triton.jit
@@ -39,13 +39,7 @@ def _to_stored_dtype(value, pointer, ROUND_BFLOAT16_BY_BITS: tl.constexpr):
     with ``ROUND_BFLOAT16_BY_BITS`` the rounding is done on the bit pattern, giving what the GPU gives.
     """
     if ROUND_BFLOAT16_BY_BITS:
-        bits = value.to(tl.uint32, bitcast=True)
-        # Adding 0x7FFF plus the lowest kept bit carries into the kept bits exactly when the dropped half
-        # is above one half ulp, or equal to it with an odd kept part: round to nearest, ties to even.
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
-        # NaN payloads near 0xFFFFFFFF would wrap around; give every NaN the canonical quiet NaN.
-        rounded = tl.where(value != value, 0x7FC0, rounded).to(tl.uint16)
-        return rounded.to(tl.bfloat16, bitcast=True)
+        return round_to_bfloat16(value)
     else:
         return value.to(pointer.dtype.element_ty)
 
@@ -53,8 +47,3 @@ def _to_stored_dtype(value, pointer, ROUND_BFLOAT16_BY_BITS: tl.constexpr):
 def round_bfloat16_by_bits(dtype: torch.dtype) -> bool:
     """Whether the kernels must round to ``dtype`` themselves (bfloat16 in the interpreter)."""
     return INTERPRETED and dtype == torch.bfloat16
-
-
-def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make ``tensor``'s GPU the current one, on which Triton launches; nothing to do on a CPU."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

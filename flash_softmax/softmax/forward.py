@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from flash_softmax._backend import device_guard
 from flash_softmax.softmax.common import (
     _row_block_offsets,
     _to_stored_dtype,
-    device_guard,
     round_bfloat16_by_bits,
 )
 from flash_softmax.softmax.configs import KernelConfig, choose_config
