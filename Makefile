@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Exact versions: torch 2.13.0 is the CPU build on machines without CUDA; Triton 3.6's interpreter
 # fails with numpy >= 2.4.
-REQUIREMENTS := torch==2.13.0 triton==3.6.0 "numpy<2.4" einops rich matplotlib pytest
+REQUIREMENTS := torch==2.13.0 triton==3.6.0 "numpy<2.4" einops rich matplotlib pytest "transformers==5.23.0"
 # Where `make gpu` writes everything it produces.
 OUT ?= out
 
