@@ -1,12 +1,16 @@
-"""The attention autograd Function and the public functional ``flash_attention``."""
+"""The public functional ``flash_attention``.
+
+Calls go one way: ``flash_attention`` (checks, defaults) -> the custom op
+``torch.ops.flash_softmax.attention_forward`` of ``ops.py``, whose autograd formula calls
+``attention_backward`` -> the launchers of ``forward.py`` / ``backward.py`` -> the Triton kernels.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from flash_softmax import reference
-from flash_softmax._backend import backend_for, device_guard
-from flash_softmax.attention.backward import attention_backward
+from flash_softmax._backend import backend_for
 from flash_softmax.attention.checks import (
     check_attention_inputs,
     check_flag,
@@ -15,35 +19,7 @@ from flash_softmax.attention.checks import (
     resolve_softmax_scale,
     resolve_window,
 )
-from flash_softmax.attention.forward import attention_forward
-from flash_softmax.attention.options import KernelOptions
-
-
-def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    """The kernels need unit stride along the head dim; any other stride is passed through as is."""
-    return tensor if tensor.stride(-1) == 1 or tensor.shape[-1] == 1 else tensor.contiguous()
-
-
-class FlashAttentionFunction(torch.autograd.Function):
-    """Tiled attention: saves q, k, v, out and the float32 lse (nothing of size Sq x Sk) for backward.
-    The bias is an input without gradient; its view is kept to recompute the scores."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, options: KernelOptions):
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        with device_guard(q):  # Triton launches on the current device
-            out, lse = attention_forward(q, k, v, options)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = options
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        with device_guard(q):
-            dq, dk, dv = attention_backward(_last_dim_contiguous(dout), q, k, v, out, lse, ctx.options)
-        return dq, dk, dv, None
+from flash_softmax.attention.ops import attention_forward_op, last_dim_contiguous
 
 
 def flash_attention(
@@ -107,6 +83,11 @@ def flash_attention(
         )
         lse = lse.detach()
     else:
-        options = KernelOptions(scale, left, right, softcap, None if bias is None else bias.detach())
-        out, lse = FlashAttentionFunction.apply(q, k, v, options)
+        # The op expands the bias itself (see ops.py); the one it gets is the caller's, detached since
+        # it receives no gradient. A last dim with stride != 1 is copied here, once: the autograd graph
+        # then saves the copies the kernels read, and backward needs no second copy.
+        q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+        out, lse = attention_forward_op(
+            q, k, v, None if attn_bias is None else attn_bias.detach(), scale, left, right, softcap
+        )
     return (out, lse) if return_lse else out
