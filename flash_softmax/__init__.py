@@ -7,6 +7,8 @@
 
 from flash_softmax import reference, testing
 from flash_softmax.attention import FlashAttention, flash_attention
+from flash_softmax.mha import MultiheadAttention
+from flash_softmax.sdpa import patch_sdpa, scaled_dot_product_attention
 from flash_softmax.softmax import LogSoftmax, Softmax, log_softmax, softmax
 
 __version__ = "0.1.0"

@@ -1,0 +1,170 @@
+"""``scaled_dot_product_attention`` with torch's signature and results, run by the fused kernels.
+
+``fs.scaled_dot_product_attention`` is a drop-in for ``torch.nn.functional.scaled_dot_product_attention``
+and ``fs.patch_sdpa()`` routes torch's own name through it, so transformer code that calls SDPA runs
+the kernels unchanged. A call the kernels cannot serve (see ``fallback_reason``) goes to torch's
+function, saved when this module is imported, so its result and its errors are torch's own.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from flash_softmax._backend import backend_for
+from flash_softmax.attention.checks import SUPPORTED_DTYPES
+from flash_softmax.attention.configs import MAX_HEAD_DIM
+from flash_softmax.attention.function import flash_attention
+
+__all__ = ["scaled_dot_product_attention", "patch_sdpa", "sdpa_is_patched", "fallback_reason", "TORCH_SDPA"]
+
+#: torch's own function, taken before anything here can patch it; every fallback calls this one.
+TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def fallback_reason(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+) -> str | None:
+    """Why ``scaled_dot_product_attention`` hands this call to torch, or None when the kernels run it.
+
+    Reads only types, shapes, dtypes and devices. Anything torch would reject also lands here, so torch
+    raises its own error for it.
+    """
+    tensors = {"query": query, "key": key, "value": value}
+    if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        return "query, key and value are not all tensors"
+    if any(t.is_nested or t.layout != torch.strided for t in tensors.values()):
+        return "nested or sparse inputs"
+    if any(t.dim() != 4 for t in tensors.values()):
+        return "inputs are not 4-d (batch, heads, seqlen, head_dim)"
+    if query.dtype not in SUPPORTED_DTYPES or not query.dtype == key.dtype == value.dtype:
+        return f"dtypes {query.dtype}, {key.dtype}, {value.dtype}: the kernels take one of float16, bfloat16, float32"
+    if not query.device == key.device == value.device:
+        return "inputs on different devices"
+    if backend_for(query.device) == "torch":
+        return f"no Triton backend for {query.device} tensors"
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
+        return f"dropout_p={dropout_p!r}: the kernels have no dropout"
+    if not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
+        return "is_causal or enable_gqa is not a bool"
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)
+    ):
+        return f"scale={scale!r} is not a finite number"
+
+    batch, heads_q, seqlen_q, head_dim = query.shape
+    _, heads_kv, seqlen_k, head_dim_v = value.shape
+    if key.shape[0] != batch or value.shape[0] != batch or key.shape[1] != heads_kv or key.shape[2] != seqlen_k:
+        return "batch sizes, key/value heads or key/value lengths differ"
+    if key.shape[3] != head_dim:
+        return "query and key head dims differ"
+    if not (1 <= head_dim <= MAX_HEAD_DIM and 1 <= head_dim_v <= MAX_HEAD_DIM):
+        return f"head dims {head_dim}, {head_dim_v}: the kernels take 1 to {MAX_HEAD_DIM}"
+    if enable_gqa:
+        if heads_kv == 0 or heads_q % heads_kv != 0:
+            return f"enable_gqa with {heads_q} query heads and {heads_kv} key/value heads"
+    elif heads_q != heads_kv:
+        # torch broadcasts a single key/value head without enable_gqa and rejects anything else.
+        return f"{heads_q} query heads and {heads_kv} key/value heads without enable_gqa"
+
+    if attn_mask is not None:
+        if is_causal:
+            return "attn_mask together with is_causal"
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.is_nested or attn_mask.layout != torch.strided:
+            return "attn_mask is not a strided tensor"
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            return f"attn_mask dtype {attn_mask.dtype} with {query.dtype} inputs"
+        if attn_mask.device != query.device:
+            return "attn_mask on another device"
+        target = (batch, heads_q, seqlen_q, seqlen_k)
+        try:
+            broadcasts = attn_mask.dim() <= 4 and tuple(torch.broadcast_shapes(attn_mask.shape, target)) == target
+        except RuntimeError:
+            broadcasts = False
+        if not broadcasts:
+            return f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}"
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            return "attn_mask requires grad: the kernels give the bias no gradient"
+    return None
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` computed by the fused kernels.
+
+    Args:
+        query: ``(B, Hq, Sq, D)``; key: ``(B, Hkv, Sk, D)``; value: ``(B, Hkv, Sk, Dv)``.
+        attn_mask: bool (True = takes part) or float (added to the scaled scores), broadcastable to
+            ``(B, Hq, Sq, Sk)``; read in place with stride 0 along broadcast dims.
+        dropout_p: only 0 runs the kernels; anything else is torch's computation.
+        is_causal: torch's causal mask, aligned to the top-left corner: query ``i`` sees key ``j`` iff
+            ``j <= i``. (``flash_attention(causal=True)`` aligns to the bottom-right instead.)
+        scale: multiplies ``query @ key.T``; defaults to ``1 / sqrt(D)``.
+        enable_gqa: allow ``Hq % Hkv == 0`` (grouped-query attention, K/V heads read in place).
+
+    Returns:
+        ``(B, Hq, Sq, Dv)`` in the input dtype, contiguous. A row that sees no key gives 0 with zero
+        gradients, as torch's CPU and math implementations do; torch's fused GPU implementations may
+        differ on such rows (NaN).
+
+    Calls the kernels cannot serve fall back to torch's function with the same arguments (see
+    ``fallback_reason``): dropout, inputs that are not 4-d, float64, head dims above 256, ``attn_mask``
+    with ``is_causal``, a mask that requires grad, devices without a Triton backend, and everything
+    torch rejects, which then raises torch's own error.
+    """
+    if fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) is not None:
+        return TORCH_SDPA(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa,
+        )
+    window = (-1, -1)
+    if is_causal:
+        # The kernels' band is j <= i + (Sk - Sq) + right with right >= 0. With Sk <= Sq, right = Sq - Sk
+        # gives torch's j <= i. With Sk > Sq, keys j >= Sq are beyond every query's reach: attending over
+        # the first Sq keys only is the same computation, and their gradients come back as zeros.
+        seqlen_q = query.shape[2]
+        if key.shape[2] > seqlen_q:
+            key, value = key[:, :, :seqlen_q], value[:, :, :seqlen_q]
+        window = (-1, seqlen_q - key.shape[2])
+    return flash_attention(query, key, value, softmax_scale=scale, window_size=window, attn_bias=attn_mask)
+
+
+class patch_sdpa:
+    """Route ``torch.nn.functional.scaled_dot_product_attention`` through ``scaled_dot_product_attention``.
+
+    As a switch, ``patch_sdpa()`` / ``patch_sdpa(enable=True)`` installs it and ``patch_sdpa(enable=False)``
+    puts torch's function back. As a context manager, ``with patch_sdpa(): ...`` installs it for the
+    body and then restores whatever was installed before, also when the body raises; nested blocks
+    (``with patch_sdpa(enable=False):`` inside a patched one) restore correctly.
+
+    Only calls that look the function up on ``torch.nn.functional`` at call time see the patch (as
+    Hugging Face transformers' "sdpa" attention does); a name imported earlier with
+    ``from torch.nn.functional import scaled_dot_product_attention`` keeps torch's function.
+    """
+
+    def __init__(self, enable: bool = True):
+        if not isinstance(enable, bool):
+            raise TypeError(f"enable must be a bool, got {type(enable).__name__} {enable!r}")
+        self._previous = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = scaled_dot_product_attention if enable else TORCH_SDPA
+
+    def __enter__(self) -> "patch_sdpa":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        torch.nn.functional.scaled_dot_product_attention = self._previous
+
+
+def sdpa_is_patched() -> bool:
+    """Whether ``torch.nn.functional.scaled_dot_product_attention`` currently routes through the kernels."""
+    return torch.nn.functional.scaled_dot_product_attention is scaled_dot_product_attention
