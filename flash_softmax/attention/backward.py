@@ -79,51 +79,45 @@ def _score_gradient(p, dp, delta, capped, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
-    q_ptrs, do_ptrs, LSE, Delta, bias_ptr, stride_qm, stride_dom, stride_bm, stride_bn,
-    offs_m, offs_n, mask_d, mask_dv,
+    q_head, do_head, LSE, Delta, bias_ptr, stride_qm, stride_dom, stride_bm, stride_bn,
+    offs_m, offs_n, offs_d, offs_dv, mask_d, mask_dv,
     start_m, end_m, seqlen_q, seqlen_k, window_left, window_right,
     qk_scale, softcap_scale, softcap_log2,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Accumulate the contribution of query rows ``[start_m, end_m)`` of one head to this key block.
 
     Works on transposed tiles (keys along rows) so that ``dK`` and ``dV`` come out of ``tl.dot`` directly:
     ``Sᵀ = K Qᵀ``, ``Pᵀ = exp2(Sᵀ - lse)``, ``dV += Pᵀ dO``, ``dPᵀ = V dOᵀ``, ``dSᵀ = Pᵀ (dPᵀ - delta)``,
-    ``dK += dSᵀ Q`` (the softmax scale is applied once, after the loop).
+    ``dK += dSᵀ Q`` (the softmax scale is applied once, after the loop). Q is loaded already transposed,
+    and tile addresses are recomputed each step from the head's base pointer rather than carried across
+    iterations, which keeps them out of the registers the accumulators need.
     """
-    q_ptrs += start_m.to(tl.int64) * stride_qm
-    do_ptrs += start_m.to(tl.int64) * stride_dom
     for block_start in range(start_m, end_m, BLOCK_M):
         rows = block_start + offs_m
         row_mask = rows < seqlen_q
-        if MASKED:
-            q = tl.load(q_ptrs, mask=row_mask[:, None] & mask_d[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
-        else:
-            q = load_tile(q_ptrs, mask_d[None, :], PAD_D)
-            do = load_tile(do_ptrs, mask_dv[None, :], PAD_DV)
-        lse2, delta = _load_row_stats(LSE, Delta, rows, row_mask, MASKED)
-        q = mma_operand(q, DOT_DTYPE, UPCAST)
+        q_t_ptrs = q_head + rows[None, :].to(tl.int64) * stride_qm + offs_d[:, None]
+        do_ptrs = do_head + rows[:, None].to(tl.int64) * stride_dom + offs_dv[None, :]
+        q_t = tl.load(q_t_ptrs, mask=row_mask[None, :] & mask_d[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
+        lse2, delta = _load_row_stats(LSE, Delta, rows, row_mask, True)
+        q_t = mma_operand(q_t, DOT_DTYPE, UPCAST)
         do = mma_operand(do, DOT_DTYPE, UPCAST)
 
-        qk_t = tl.dot(k, tl.trans(q), input_precision="ieee")
+        qk_t = tl.dot(k, q_t, input_precision="ieee")
         bias = 0.0
         if BIAS_KIND != 0:
             bias = load_bias(bias_ptr, rows[None, :], offs_n[:, None], stride_bm, stride_bn, seqlen_q, seqlen_k)
         scores_t, capped_t = logits(qk_t, bias, qk_scale, softcap_scale, softcap_log2, HAS_SOFTCAP, BIAS_KIND)
         p_t = tl.math.exp2(scores_t - lse2[None, :])
-        if MASKED:
-            keep = visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, window_left, window_right,
-                           HAS_LEFT, HAS_RIGHT)
-            p_t = tl.where(keep, p_t, 0.0)
+        keep = visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, window_left, window_right,
+                       HAS_LEFT, HAS_RIGHT)
+        p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(mma_operand(p_t, DOT_DTYPE, UPCAST), do, dv, input_precision="ieee")
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
         ds_t = _score_gradient(p_t, dp_t, delta[None, :], capped_t, HAS_SOFTCAP)
-        dk = tl.dot(mma_operand(ds_t, DOT_DTYPE, UPCAST), q, dk, input_precision="ieee")
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
+        dk = tl.dot(mma_operand(ds_t, DOT_DTYPE, UPCAST), tl.trans(q_t), dk, input_precision="ieee")
     return dk, dv
 
 
@@ -148,8 +142,6 @@ def _attn_bwd_dkdv_kernel(
     """Grid ``(cdiv(Sk, BLOCK_N) * B * Hkv,)``. Sums over the ``group_size`` query heads of the K/V head in a
     fixed order inside the program, so grouped-query gradients need no atomics either."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
     block_n, batch_head_kv = block_and_head(tl.cdiv(seqlen_k, BLOCK_N))
     start_n = block_n * BLOCK_N
     num_heads_kv = num_heads_q // group_size
@@ -174,34 +166,23 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    begin, full_begin, full_end, end = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
-                                                   BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    begin, end = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for member in range(0, group_size):
         head = head_kv * group_size + member
-        q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                  + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
-        do_ptrs = (DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-                   + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :])
+        q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        do_head = DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
         bias_ptr = Bias + batch.to(tl.int64) * stride_bb + head.to(tl.int64) * stride_bh
         row_stats = (batch * num_heads_q + head).to(tl.int64) * seqlen_q
-        # Masked query blocks at the band's edge, the mask-free interior, masked blocks at the far edge / end.
-        for stage in tl.static_range(3):
-            if stage == 0:
-                stage_begin = begin
-                stage_end = tl.minimum(full_begin, end)
-            elif stage == 1:
-                stage_begin = full_begin
-                stage_end = full_end
-            else:
-                stage_begin = tl.maximum(full_begin, full_end)
-                stage_end = end
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_stats, Delta + row_stats, bias_ptr,
-                stride_qm, stride_dom, stride_bm, stride_bn, offs_m, offs_n, mask_d, mask_dv,
-                stage_begin, stage_end, seqlen_q, seqlen_k, window_left, window_right,
-                qk_scale, softcap_scale, softcap_log2,
-                BLOCK_M, stage != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, PAD_D, PAD_DV, DOT_DTYPE,
-                UPCAST)
+        # One masked loop over the band. Splitting off the mask-free interior, as the forward and dQ do,
+        # makes ptxas spill here: with dK and dV both accumulating, a second copy of the loop does not
+        # fit the registers (see notes/perf.md and `flash-softmax compile-report`).
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_head, do_head, LSE + row_stats, Delta + row_stats, bias_ptr,
+            stride_qm, stride_dom, stride_bm, stride_bn, offs_m, offs_n, offs_d, offs_dv, mask_d, mask_dv,
+            begin, end, seqlen_q, seqlen_k, window_left, window_right,
+            qk_scale, softcap_scale, softcap_log2,
+            BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, DOT_DTYPE, UPCAST)
 
     dk = dk * softmax_scale
     dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + head_kv.to(tl.int64) * stride_dkh + key_rows * stride_dkn

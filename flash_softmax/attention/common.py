@@ -89,20 +89,17 @@ def key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
 @triton.jit
 def query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Queries that see the key block ``[start_n, start_n + BLOCK_N)``: ``(begin, full_begin, full_end, end)``,
-    with the same meaning as in ``key_range`` seen from the keys' side (multiples of BLOCK_M)."""
+    """Queries that see some key of the block ``[start_n, start_n + BLOCK_N)``: ``(begin, end)``, ``begin``
+    a multiple of BLOCK_M. The band of ``key_range`` seen from the keys' side: row ``i`` sees key ``j``
+    iff ``j - diagonal - right <= i <= j - diagonal + left``."""
     diagonal = seqlen_k - seqlen_q
     begin = start_n * 0
     end = begin + seqlen_q
-    full_begin = begin
-    full_end = seqlen_q // BLOCK_M * BLOCK_M
     if HAS_RIGHT:
         begin = tl.maximum(start_n - diagonal - window_right, 0) // BLOCK_M * BLOCK_M
-        full_begin = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diagonal - window_right, 0), BLOCK_M) * BLOCK_M
     if HAS_LEFT:
         end = tl.minimum(end, tl.maximum(start_n + BLOCK_N - diagonal + window_left, 0))
-        full_end = tl.minimum(full_end, tl.maximum(start_n - diagonal + window_left + 1, 0) // BLOCK_M * BLOCK_M)
-    return begin, full_begin, full_end, end
+    return begin, end
 
 
 @triton.jit
