@@ -1,4 +1,4 @@
-"""The ``flash-softmax`` command line (SPEC section 5): ``verify``, ``bench`` and ``info``.
+"""The ``flash-softmax`` command line (SPEC section 5): ``verify``, ``bench``, ``info`` and ``compile-report``.
 
 This module only parses arguments; the work lives in :mod:`flash_softmax.verify`,
 :mod:`flash_softmax.bench` and :mod:`flash_softmax.info`. Those are imported lazily, after deciding
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check and benchmark the flash_softmax attention and softmax kernels.",
         epilog="Without a CUDA GPU everything runs in Triton's CPU interpreter, on tiny sizes.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{verify,bench,info}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{verify,bench,info,compile-report}")
 
     verify = commands.add_parser(
         "verify",
@@ -110,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("info", help="versions, device and the backend each path uses",
                         description="Print versions, the device, and which backend each path will use.")
+
+    report = commands.add_parser(
+        "compile-report",
+        help="compile every kernel configuration for sm_80/sm_90a (no GPU needed); registers, spills, shared memory",
+        description="Compile each attention kernel's autotune configurations with Triton and its bundled "
+        "ptxas, and print registers, spilled bytes and shared memory per configuration. Exits 1 if a "
+        "configuration kept in the autotune space spills or exceeds the architecture's shared memory.",
+    )
+    report.add_argument("--archs", nargs="+", choices=("sm_80", "sm_90a"), default=["sm_80", "sm_90a"])
+    report.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, default=["bfloat16"], metavar="DTYPE")
+    report.add_argument("--head-dims", type=_positive_int, nargs="+", default=[64, 128, 256], metavar="D")
+    report.add_argument("--kernels", nargs="+", metavar="NAME",
+                        choices=("attention_forward", "attention_backward_dkdv", "attention_backward_dq"),
+                        help="kernels to compile (default: all)")
+    report.add_argument("--causal", type=_boolean, default=True, metavar="BOOL",
+                        help="compile the causal variant (default true)")
+    report.add_argument("--unpruned", action="store_true",
+                        help="report the whole space, including configurations the pruning removes")
     return parser
 
 
@@ -145,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from_entry_point = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "compile-report":
+        return _compile_report(args, argv, restart_allowed=from_entry_point)
     on_gpu = _prepare_triton(argv, restart_allowed=from_entry_point)
     if not on_gpu:
         print(CPU_BANNER if _interpreter_requested() else CPU_BANNER_WITHOUT_INTERPRETER, flush=True)
@@ -164,6 +184,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"flash-softmax {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _compile_report(args, argv: list[str], restart_allowed: bool) -> int:
+    """``compile-report`` needs compiled kernels: never the interpreter, whatever the machine."""
+    if _interpreter_requested():
+        if not restart_allowed:
+            print("flash-softmax compile-report: error: unset TRITON_INTERPRET; the report compiles kernels "
+                  "for GPUs and cannot use interpreted ones", file=sys.stderr)
+            return 2
+        os.environ.pop("TRITON_INTERPRET")
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "flash_softmax", *argv])
+    from flash_softmax import compile_report
+
+    return compile_report.run(args)
 
 
 if __name__ == "__main__":

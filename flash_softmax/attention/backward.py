@@ -121,7 +121,9 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.PRUNE)
+@triton.autotune(
+    configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.BACKWARD_PRUNE
+)
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
@@ -235,7 +237,9 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.autotune(configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.PRUNE)
+@triton.autotune(
+    configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.BACKWARD_PRUNE
+)
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dq_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DQ,

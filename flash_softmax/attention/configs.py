@@ -56,49 +56,90 @@ def _estimated_shared_memory(
     return element_size * (resident + pipelined)
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configurations whose tiles cannot fit the device's shared memory or whose blocks dwarf the lengths."""
-    head_dim, head_dim_v = named_args["HEAD_DIM"], named_args["HEAD_DIM_V"]
-    element_size = named_args["Q"].element_size()
-    limit = _shared_memory_limit()
-    kept = []
-    for config in configs:
-        rows, loop = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        needed = _estimated_shared_memory(rows, loop, head_dim, head_dim_v, config.num_stages, element_size)
-        if needed > limit:
-            continue
-        # Wide head dims need narrow tiles to keep the float32 accumulators in registers.
-        if max(head_dim, head_dim_v) > 128 and rows * loop > 64 * 64:
-            continue
-        kept.append(config)
-    return kept or configs[-1:]
+# The autotune spaces, per head-dim bucket (the padded head dim: <= 64, 128, 256), as
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Every entry compiles without register spills for sm_80 and
+# sm_90a in 16-bit dtypes (`flash-softmax compile-report`, checked in the test suite); notes/perf.md
+# records the configurations that were dropped and why.
+FORWARD_SPACES = {
+    64: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+    256: [(64, 64, 8, 2), (64, 32, 8, 2)],
+}
+BACKWARD_SPACES = {
+    64: [(32, 64, 4, 3), (32, 64, 8, 2), (32, 128, 8, 2)],
+    128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3)],
+    256: [(32, 32, 8, 2)],
+}
 
 
-def _space(block_pairs, stages, warps):
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w)
-        for m, n in block_pairs
-        for s in stages
-        for w in warps
+def head_dim_bucket(head_dim: int, head_dim_v: int) -> int:
+    """The spaces' key: the padded width of the wider head dim, at least 64."""
+    return max(64, padded_head_dim(max(head_dim, head_dim_v)))
+
+
+def _shape(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _configs(entries):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in entries]
+
+
+def space_configs(spaces: dict) -> list:
+    """Every configuration of the buckets of ``spaces``, each once."""
+    entries = []
+    for bucket_entries in spaces.values():
+        entries += [entry for entry in bucket_entries if entry not in entries]
+    return _configs(entries)
+
+
+def prune_for(configs, spaces: dict, head_dim: int, head_dim_v: int, element_size: int, shared_limit: int):
+    """The configurations worth trying for these head dims: those of their bucket in ``spaces``
+    (``FORWARD_SPACES`` or ``BACKWARD_SPACES``) whose tiles fit ``shared_limit`` bytes."""
+    wanted = set(spaces[head_dim_bucket(head_dim, head_dim_v)])
+    kept = [
+        config for config in configs
+        if _shape(config) in wanted
+        and _estimated_shared_memory(*_shape(config)[:2], head_dim, head_dim_v, config.num_stages, element_size)
+        <= shared_limit
     ]
+    # Always leave one candidate: the smallest tiles of the bucket.
+    return kept or sorted((c for c in configs if _shape(c) in wanted), key=lambda c: _shape(c)[:2])[:1] or configs[:1]
+
+
+def _pruner(spaces: dict):
+    def prune(configs, named_args, **kwargs):
+        """Autotuner hook: ``prune_for`` with the call's head dims, element size and device."""
+        return prune_for(
+            configs, spaces, named_args["HEAD_DIM"], named_args["HEAD_DIM_V"], named_args["Q"].element_size(),
+            _shared_memory_limit(),
+        )
+
+    return prune
 
 
 def _interpreter_space():
-    return [triton.Config({"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}, num_stages=1, num_warps=4)]
+    return _configs([(_INTERPRETER_BLOCK, _INTERPRETER_BLOCK, 4, 1)])
+
+
+def gpu_forward_space():
+    """Configurations of ``_attn_fwd_kernel`` on a GPU: BLOCK_M query rows per program, BLOCK_N keys per step."""
+    return space_configs(FORWARD_SPACES)
+
+
+def gpu_backward_space():
+    """Configurations of the dK/dV and dQ kernels on a GPU (BLOCK_M query rows, BLOCK_N key rows per tile)."""
+    return space_configs(BACKWARD_SPACES)
 
 
 def forward_configs():
-    """Configurations of ``_attn_fwd_kernel``: BLOCK_M query rows per program, BLOCK_N keys per step."""
-    if INTERPRETED:
-        return _interpreter_space()
-    return _space([(128, 64), (128, 128), (64, 64), (64, 32)], stages=(2, 3, 4), warps=(4, 8))
+    """The forward's autotune space in this process (one fixed configuration in the interpreter)."""
+    return _interpreter_space() if INTERPRETED else gpu_forward_space()
 
 
 def backward_configs():
-    """Configurations of the dK/dV and dQ kernels (BLOCK_M query rows, BLOCK_N key rows per tile)."""
-    if INTERPRETED:
-        return _interpreter_space()
-    return _space([(64, 64), (32, 64), (64, 128), (32, 32)], stages=(2, 3), warps=(4, 8))
+    """The backward kernels' autotune space in this process."""
+    return _interpreter_space() if INTERPRETED else gpu_backward_space()
 
 
 PREPROCESS_BLOCK_M = _INTERPRETER_BLOCK if INTERPRETED else 64
@@ -108,7 +149,8 @@ AUTOTUNE_KEY = [
     "SEQLEN_Q_BUCKET", "SEQLEN_K_BUCKET", "HEAD_DIM", "HEAD_DIM_V",
     "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "BIAS_KIND",
 ]
-PRUNE = {"early_config_prune": _prune}
+FORWARD_PRUNE = {"early_config_prune": _pruner(FORWARD_SPACES)}
+BACKWARD_PRUNE = {"early_config_prune": _pruner(BACKWARD_SPACES)}
 #: Size arguments that may equal 1: Triton would otherwise turn them into compile-time constants,
 #: recompiling per value and breaking code that treats them as runtime integers.
 RUNTIME_SIZES = ["num_heads_q", "group_size", "seqlen_q", "seqlen_k"]

@@ -77,7 +77,9 @@ def _attn_fwd_inner(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=configs.forward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.PRUNE)
+@triton.autotune(
+    configs=configs.forward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.FORWARD_PRUNE
+)
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_fwd_kernel(
     Q, K, V, Bias, Out, LSE,
