@@ -44,6 +44,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _boolean(text: str) -> bool:
     """argparse type: true/false (also on/off, yes/no, 1/0)."""
     word = text.strip().lower()
@@ -103,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", nargs="+", choices=ATTENTION_MODES, metavar="MODE",
                        help="fwd, bwd (backward only) and/or fwd_bwd")
     bench.add_argument("--providers", nargs="+", metavar="NAME", help="providers to time (default: all that fit)")
+    bench.add_argument("--gqa", type=_positive_int, default=1, metavar="G",
+                       help="query heads per key/value head (grouped-query attention; default 1)")
+    bench.add_argument("--window", type=_non_negative_int, metavar="W",
+                       help="sliding window: W keys on each side of the diagonal (left only when causal)")
     bench.add_argument("--cols", type=_positive_int, nargs="+", metavar="N", help="softmax row lengths (--op softmax)")
     bench.add_argument("--rows", type=_positive_int, help="fix the softmax row count (--op softmax)")
     bench.add_argument("--out", metavar="DIR", help="output folder (default benchmarks/results/<device-slug>)")

@@ -206,6 +206,36 @@ def test_flops_count_exactly_the_pairs_a_bottom_right_causal_mask_keeps(seqlen_q
         3.5 * forward.flops()
 
 
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(9, 9), (5, 12), (12, 5)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [0, 3])
+def test_flops_of_a_window_count_only_the_band(seqlen_q, seqlen_k, causal, window):
+    """A window's cost is O(S * w): the FLOP count follows the band, as the kernels' work does."""
+    config = bench_attention.AttentionConfig("fwd", causal, "float16", 1, 1, seqlen_q, seqlen_k, 8, window=window)
+    keep = reference.band_mask(seqlen_q, seqlen_k, causal, config.window_size(), "cpu")
+    assert config.kept_pairs() == int(keep.sum())
+
+
+def test_bench_with_grouped_heads_and_a_window(tmp_path):
+    out = tmp_path / "gqa-window"
+    status = cli.main(["bench", "--seqlens", "40", "--head-dims", "16", "--causal", "true", "--modes", "fwd",
+                       "--batch", "1", "--heads", "4", "--gqa", "2", "--window", "8",
+                       "--providers", "flash_softmax", "sdpa_math", "naive", "--out", str(out), "--no-plots"])
+    assert status == 0
+    with open(out / "attention.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["provider"] for row in rows] == ["flash_softmax", "sdpa_math", "naive"]
+    assert all(row["status"] == "ok" for row in rows)
+    assert "--gqa 2 --window 8" in json.loads((out / "env.json").read_text())["command"]
+
+
+def test_bench_rejects_a_group_size_that_does_not_divide_the_heads(tmp_path, capsys):
+    status = cli.main(["bench", "--seqlens", "16", "--head-dims", "16", "--heads", "4", "--gqa", "3",
+                       "--out", str(tmp_path), "--no-plots"])
+    assert status == 2
+    assert "--gqa 3 must divide the number of heads, 4" in capsys.readouterr().err
+
+
 def test_default_attention_sweep_holds_the_token_budget():
     args = cli.build_parser().parse_args(["bench"])
     configs = bench_attention.configurations(bench_attention.resolve_sweep(args, on_gpu=True))

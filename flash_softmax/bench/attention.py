@@ -2,7 +2,10 @@
 
 By default every configuration holds the token budget fixed, as in the FlashAttention papers:
 ``batch * seqlen = 16k`` tokens and ``heads * head_dim = 2048`` hidden, so the work per token stays
-comparable across lengths. ``--batch`` / ``--heads`` fix either instead.
+comparable across lengths. ``--batch`` / ``--heads`` fix either instead. ``--gqa G`` gives every K/V
+head G query heads; ``--window W`` limits each query to a band of W keys on each side (W to the left only
+when causal), so the cost grows as O(S * W) instead of O(S^2). Both apply to the whole run and are
+recorded in env.json's command line; the CSV keeps its fixed columns.
 """
 
 from __future__ import annotations
@@ -42,14 +45,30 @@ class AttentionConfig:
     seqlen_q: int
     seqlen_k: int
     head_dim: int
+    group_size: int = 1  # query heads per K/V head
+    window: int = -1  # keys on each side of the diagonal (left only when causal); -1 = unbounded
+
+    @property
+    def kv_heads(self) -> int:
+        return self.heads // self.group_size
+
+    def window_size(self) -> tuple[int, int]:
+        """``flash_attention``'s ``window_size`` for this configuration (causal is applied separately)."""
+        if self.window < 0:
+            return (-1, -1)
+        return (self.window, 0 if self.causal else self.window)
 
     def kept_pairs(self) -> int:
-        """(query, key) pairs the softmax sees: all of them, or exactly those a bottom-right causal mask keeps."""
-        if not self.causal:
-            return self.seqlen_q * self.seqlen_k
-        # Query i sees keys 0 .. i + Sk - Sq, clipped to [0, Sk].
-        visible = torch.arange(self.seqlen_q, dtype=torch.int64) + (self.seqlen_k - self.seqlen_q + 1)
-        return int(visible.clamp(0, self.seqlen_k).sum())
+        """(query, key) pairs the softmax sees: exactly those the bottom-right aligned band keeps."""
+        left, right = self.window_size()
+        if self.causal:
+            right = 0
+        # Query i sees keys i + Sk - Sq - left .. i + Sk - Sq + right, clipped to [0, Sk - 1].
+        diagonal = torch.arange(self.seqlen_q, dtype=torch.int64) + (self.seqlen_k - self.seqlen_q)
+        first = (diagonal - left).clamp(min=0) if left >= 0 else torch.zeros_like(diagonal)
+        last = (diagonal + right).clamp(max=self.seqlen_k - 1) if right >= 0 else torch.full_like(
+            diagonal, self.seqlen_k - 1)
+        return int((last - first + 1).clamp(min=0).sum())
 
     def flops(self) -> float:
         """Matmul FLOPs: forward 4*B*H*pairs*D; backward 2.5x, forward+backward 3.5x of that."""
@@ -61,7 +80,8 @@ def record(result: Result) -> dict[str, object]:
     """The CSV row of one result (also what the table and plots read)."""
     config, timing = result.config, result.measurement.timing
     return {
-        "provider": result.provider, **asdict(config),
+        "provider": result.provider,
+        **{name: value for name, value in asdict(config).items() if name in CSV_COLUMNS},
         "ms_median": timing.median if timing else None,
         "ms_p20": timing.p20 if timing else None,
         "ms_p80": timing.p80 if timing else None,
@@ -82,6 +102,8 @@ def resolve_sweep(args, on_gpu: bool) -> dict[str, object]:
         "modes": list(dict.fromkeys(args.modes)) if args.modes else list(MODES),
         "batch": args.batch or defaults["batch"],
         "heads": args.heads or defaults["heads"],
+        "group_size": args.gqa,
+        "window": -1 if args.window is None else args.window,
     }
 
 
@@ -94,8 +116,12 @@ def configurations(sweep: dict[str, object]) -> list[AttentionConfig]:
                 for seqlen in sweep["seqlens"]:
                     batch = sweep["batch"] or max(1, TOKENS // seqlen)
                     heads = sweep["heads"] or max(1, HIDDEN // head_dim)
+                    if heads % sweep["group_size"]:
+                        raise ValueError(f"--gqa {sweep['group_size']} must divide the number of heads, "
+                                         f"{heads} at head dim {head_dim}")
                     for mode in sweep["modes"]:
-                        configs.append(AttentionConfig(mode, causal, dtype, batch, heads, seqlen, seqlen, head_dim))
+                        configs.append(AttentionConfig(mode, causal, dtype, batch, heads, seqlen, seqlen, head_dim,
+                                                       sweep["group_size"], sweep["window"]))
     return configs
 
 
@@ -104,11 +130,12 @@ def make_inputs(config: AttentionConfig, device: torch.device, seed: int = 0) ->
     generator = torch.Generator(device=device).manual_seed(seed)
     dtype = getattr(torch, config.dtype)
 
-    def normal(seqlen: int) -> torch.Tensor:
-        shape = (config.batch, config.heads, seqlen, config.head_dim)
+    def normal(heads: int, seqlen: int) -> torch.Tensor:
+        shape = (config.batch, heads, seqlen, config.head_dim)
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
-    return normal(config.seqlen_q), normal(config.seqlen_k), normal(config.seqlen_k), normal(config.seqlen_q)
+    return (normal(config.heads, config.seqlen_q), normal(config.kv_heads, config.seqlen_k),
+            normal(config.kv_heads, config.seqlen_k), normal(config.heads, config.seqlen_q))
 
 
 def call_for_mode(config: AttentionConfig, provider: Provider, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
@@ -129,7 +156,7 @@ def call_for_mode(config: AttentionConfig, provider: Provider, inputs: tuple[tor
 def inputs_key(config: AttentionConfig) -> tuple:
     """Configurations that differ only in mode share inputs."""
     return (config.causal, config.dtype, config.batch, config.heads, config.seqlen_q, config.seqlen_k,
-            config.head_dim)
+            config.head_dim, config.group_size, config.window)
 
 
 def sweep(

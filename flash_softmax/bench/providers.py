@@ -47,7 +47,7 @@ class Provider:
 def _flash_softmax_attention(config, q, k, v):
     import flash_softmax as fs
 
-    return lambda: fs.flash_attention(q, k, v, causal=config.causal)
+    return lambda: fs.flash_attention(q, k, v, causal=config.causal, window_size=config.window_size())
 
 
 # Messages torch raises when the forced SDPA backend cannot take the inputs (CUDA and CPU builds word it
@@ -55,16 +55,30 @@ def _flash_softmax_attention(config, q, k, v):
 _SDPA_NO_KERNEL = ("No available kernel", "No viable backend")
 
 
+def _band_mask(config, device) -> torch.Tensor:
+    """Bool (Sq, Sk) keep-mask of the configuration's causal / window band, for providers that need one."""
+    from flash_softmax.reference import band_mask
+
+    return band_mask(config.seqlen_q, config.seqlen_k, config.causal, config.window_size(), device)
+
+
 def _sdpa_builder(backend_name: str):
     def build(config, q, k, v):
-        if config.causal and config.seqlen_q != config.seqlen_k:
+        mask = None
+        if config.window >= 0:
+            # SDPA has no window: a materialised mask, built here so that building it is not timed.
+            mask = _band_mask(config, q.device)
+        elif config.causal and config.seqlen_q != config.seqlen_k:
             # SDPA's is_causal is aligned to the top-left corner, ours to the bottom-right: they only agree
             # for square score matrices.
             raise Unsupported("SDPA's is_causal is top-left aligned; differs from bottom-right when Sq != Sk")
+        is_causal = config.causal and mask is None
+        enable_gqa = config.group_size > 1
 
         def forward():
             try:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=config.causal)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                      enable_gqa=enable_gqa)
             except RuntimeError as error:
                 if any(message in str(error) for message in _SDPA_NO_KERNEL):
                     raise Unsupported(f"SDPA backend {backend_name} cannot run these inputs") from None
@@ -110,19 +124,25 @@ def _flex_attention(config, q, k, v):
         raise Unsupported(f"torch {torch.__version__} has no FlexAttention") from None
     flex_attention = _flex_attention_compiled()
     block_mask = None
-    if config.causal:
+    if config.causal or config.window >= 0:
         offset = config.seqlen_k - config.seqlen_q
+        left, right = config.window_size()
+        right = 0 if config.causal else right
 
-        def bottom_right_causal(batch, head, q_index, kv_index):
-            return kv_index <= q_index + offset
+        def bottom_right_band(batch, head, q_index, kv_index):
+            keep = kv_index <= q_index + offset + right if right >= 0 else kv_index >= 0
+            if left >= 0:
+                keep = keep & (kv_index >= q_index + offset - left)
+            return keep
 
         block_mask = create_block_mask(
-            bottom_right_causal, None, None, config.seqlen_q, config.seqlen_k, device=q.device
+            bottom_right_band, None, None, config.seqlen_q, config.seqlen_k, device=q.device
         )
+    enable_gqa = config.group_size > 1
 
     def forward():
         try:
-            return flex_attention(q, k, v, block_mask=block_mask)
+            return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
         except NotImplementedError as error:
             # FlexAttention's own word for inputs it does not handle, e.g. a backward on the CPU.
             raise Unsupported(f"FlexAttention: {error}") from None
@@ -133,7 +153,8 @@ def _flex_attention(config, q, k, v):
 def _naive_attention(config, q, k, v):
     from flash_softmax import reference
 
-    return lambda: reference.attention(q, k, v, causal=config.causal, upcast=False)
+    return lambda: reference.attention(q, k, v, causal=config.causal, window_size=config.window_size(),
+                                       upcast=False)
 
 
 #: Attention providers by name, in the order they appear in tables and plots.
