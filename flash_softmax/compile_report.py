@@ -129,9 +129,9 @@ def compile_one(jit_function, constexprs: dict, dtype: str, arch: str, num_warps
 def attention_kernels():
     """``(name, jit function, autotune spaces per head-dim bucket)`` of the autotuned attention kernels."""
     return [
-        ("attention_forward", attention_forward._attn_fwd_kernel.fn, attention_configs.FORWARD_SPACES),
-        ("attention_backward_dkdv", attention_backward._attn_bwd_dkdv_kernel.fn, attention_configs.BACKWARD_SPACES),
-        ("attention_backward_dq", attention_backward._attn_bwd_dq_kernel.fn, attention_configs.BACKWARD_SPACES),
+        ("attention_forward", attention_forward._attn_fwd_kernel, attention_configs.FORWARD_SPACES),
+        ("attention_backward_dkdv", attention_backward._attn_bwd_dkdv_kernel, attention_configs.BACKWARD_SPACES),
+        ("attention_backward_dq", attention_backward._attn_bwd_dq_kernel, attention_configs.BACKWARD_SPACES),
     ]
 
 

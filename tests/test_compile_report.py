@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from flash_softmax.attention import configs
+
 HEAD_DIMS = (64, 128, 256)
 
 
@@ -53,3 +57,16 @@ def test_report_detects_a_spilling_configuration():
     assert result.returncode == 0, result.stderr
     registers, spills, shared = map(int, result.stdout.split())
     assert registers == 255 and spills > 0
+
+
+@pytest.mark.parametrize("spaces", [configs.FORWARD_SPACES, configs.BACKWARD_SPACES], ids=["forward", "backward"])
+@pytest.mark.parametrize("head_dim", [1, 40, 64, 65, 128, 200, 256])
+def test_default_configuration_is_the_first_of_its_bucket_that_fits(spaces, head_dim):
+    """Without autotuning a launch uses the first configuration of its head-dim bucket that fits the
+    device's shared memory: fixed per shape, so two processes run the same tiles in the same order."""
+    bucket = spaces[configs.head_dim_bucket(head_dim, head_dim)]
+    everything = configs.space_configs(spaces)
+    on_hopper = configs.prune_for(everything, spaces, head_dim, head_dim, 2, 232_448)[0]
+    assert configs._shape(on_hopper) == bucket[0]
+    on_ampere_float32 = configs.prune_for(everything, spaces, head_dim, head_dim, 4, 166_912)[0]
+    assert configs._shape(on_ampere_float32) in bucket

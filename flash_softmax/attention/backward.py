@@ -121,9 +121,6 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(
-    configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.BACKWARD_PRUNE
-)
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
@@ -237,9 +234,6 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.autotune(
-    configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.BACKWARD_PRUNE
-)
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dq_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DQ,
@@ -313,6 +307,16 @@ def _attn_bwd_dq_kernel(
              + offs_d[None, :], to_input_dtype(dq, DOT_DTYPE, UPCAST), mask=row_mask[:, None] & mask_d[None, :])
 
 
+def _tuned(kernel):
+    return triton.autotune(
+        configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.BACKWARD_PRUNE
+    )(kernel)
+
+
+_attn_bwd_dkdv_kernel_tuned = _tuned(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq_kernel_tuned = _tuned(_attn_bwd_dq_kernel)
+
+
 def attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -355,23 +359,30 @@ def attention_backward(
         dout.stride(0), dout.stride(1), dout.stride(2),
     )
     runtime = options.runtime_arguments(q, k)
+    choice = (configs.BACKWARD_SPACES, q.shape[3], head_dim_v, q.element_size())
     if seqlen_k > 0:
         def dkdv_grid(meta):
             return (triton.cdiv(seqlen_k, meta["BLOCK_N"]) * batch * heads_kv,)
 
-        _attn_bwd_dkdv_kernel[dkdv_grid](
+        kernel, launch = configs.kernel_and_launch_options(
+            _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_kernel_tuned, *choice
+        )
+        kernel[dkdv_grid](
             q, k, v, bias, dout, lse, delta, dk, dv, *input_strides,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            *runtime, **constexprs,
+            *runtime, **constexprs, **launch,
         )
     if seqlen_q > 0:
         def dq_grid(meta):
             return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * heads_q,)
 
-        _attn_bwd_dq_kernel[dq_grid](
+        kernel, launch = configs.kernel_and_launch_options(
+            _attn_bwd_dq_kernel, _attn_bwd_dq_kernel_tuned, *choice
+        )
+        kernel[dq_grid](
             q, k, v, bias, dout, lse, delta, dq, *input_strides,
             dq.stride(0), dq.stride(1), dq.stride(2),
-            *runtime, **constexprs,
+            *runtime, **constexprs, **launch,
         )
     return dq, dk, dv

@@ -1,16 +1,25 @@
 """Launch configurations of the attention kernels, in one place.
 
-On a GPU the kernels are autotuned over a small, pruned space keyed on the head dims, the causal flag,
-the dtype and the *bucketed* lengths (the next power of two), so a training run with slowly varying
-lengths does not re-tune on every new length. Triton's interpreter gets one fixed configuration: it
-runs programs one after another on the CPU, where tuning would only measure numpy.
+By default every launch uses one fixed configuration per head-dim bucket (the first of its space that
+fits the device's shared memory). Two processes then run the same tiles in the same order, so results
+and gradients are bitwise reproducible across runs, and the first call of a training run pays no
+tuning. ``FLASH_SOFTMAX_AUTOTUNE=1`` (read at import) autotunes instead over the bucket's space, keyed
+on the head dims, the masks, the dtype and the *bucketed* lengths (the next power of two), so slowly
+varying lengths do not re-tune; the choice then depends on timings and may differ between processes.
+Triton's interpreter always gets one fixed configuration: it runs programs one after another on the
+CPU, where tuning would only measure numpy.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 
 from flash_softmax._backend import INTERPRETED
+
+#: Autotune over the spaces below instead of using each bucket's default configuration.
+AUTOTUNE = os.environ.get("FLASH_SOFTMAX_AUTOTUNE", "0").strip().lower() in {"1", "true", "yes", "on"}
 
 #: Smallest tile side ``tl.dot`` accepts on tensor cores.
 MIN_DOT_SIZE = 16
@@ -140,6 +149,22 @@ def forward_configs():
 def backward_configs():
     """The backward kernels' autotune space in this process."""
     return _interpreter_space() if INTERPRETED else gpu_backward_space()
+
+
+def default_config(spaces: dict, head_dim: int, head_dim_v: int, element_size: int) -> triton.Config:
+    """The configuration a launch uses when not autotuning: the first of the bucket's space that fits."""
+    if INTERPRETED:
+        return _interpreter_space()[0]
+    return prune_for(space_configs(spaces), spaces, head_dim, head_dim_v, element_size, _shared_memory_limit())[0]
+
+
+def kernel_and_launch_options(plain, tuned, spaces: dict, head_dim: int, head_dim_v: int, element_size: int):
+    """``(kernel, options)`` for one launch: the autotuned kernel with no options when ``AUTOTUNE``, else
+    the plain kernel with its default configuration's block sizes, warps and stages."""
+    if AUTOTUNE and not INTERPRETED:
+        return tuned, {}
+    config = default_config(spaces, head_dim, head_dim_v, element_size)
+    return plain, {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 PREPROCESS_BLOCK_M = _INTERPRETER_BLOCK if INTERPRETED else 64

@@ -77,9 +77,6 @@ def _attn_fwd_inner(
     return acc, m_i, l_i
 
 
-@triton.autotune(
-    configs=configs.forward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.FORWARD_PRUNE
-)
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_fwd_kernel(
     Q, K, V, Bias, Out, LSE,
@@ -161,6 +158,11 @@ def _attn_fwd_kernel(
     tl.store(LSE + batch_head.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
 
 
+_attn_fwd_kernel_tuned = triton.autotune(
+    configs=configs.forward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.FORWARD_PRUNE
+)(_attn_fwd_kernel)
+
+
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: KernelOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +186,11 @@ def attention_forward(
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * heads_q,)
 
     bias, bias_strides = options.bias_operand(q)
-    _attn_fwd_kernel[grid](
+    kernel, launch = configs.kernel_and_launch_options(
+        _attn_fwd_kernel, _attn_fwd_kernel_tuned, configs.FORWARD_SPACES, q.shape[3], v.shape[3],
+        q.element_size(),
+    )
+    kernel[grid](
         q, k, v, bias, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -192,6 +198,6 @@ def attention_forward(
         *bias_strides,
         out.stride(0), out.stride(1), out.stride(2),
         *options.runtime_arguments(q, k),
-        **options.constexprs(q, v),
+        **options.constexprs(q, v), **launch,
     )
     return out, lse
