@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -32,7 +33,7 @@ ARCHITECTURES = {
 }
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _FLOAT_ARGUMENTS = {"softmax_scale", "qk_scale", "softcap_scale", "softcap_log2"}
-_FLOAT32_POINTERS = {"LSE", "Delta"}
+_STATISTICS_POINTERS = {"LSE", "Delta"}  # float32, float64 for float64 inputs
 
 
 @dataclass
@@ -73,8 +74,8 @@ def _signature(jit_function, constexprs: dict, dtype: str) -> dict:
     for name in jit_function.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in _FLOAT32_POINTERS:
-            signature[name] = "*fp32"
+        elif name in _STATISTICS_POINTERS:
+            signature[name] = "*fp64" if dtype == "fp64" else "*fp32"
         elif name[0].isupper() and not name.endswith("_BUCKET"):
             signature[name] = f"*{dtype}"
         elif name in _FLOAT_ARGUMENTS:
@@ -136,10 +137,11 @@ def attention_kernels():
 
 
 def attention_constexprs(head_dim: int, causal: bool) -> dict:
+    """Compile-time switches of a plain (optionally causal) attention call in a 16- or 32-bit dtype."""
     width = attention_configs.padded_head_dim(head_dim)
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=width, BLOCK_DV=width,
-        HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False, BIAS_KIND=0, UPCAST=False,
+        HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False, BIAS_KIND=0, ACC_DTYPE=tl.float32, UPCAST=False,
     )
 
 

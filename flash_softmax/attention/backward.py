@@ -40,7 +40,7 @@ def _attn_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     num_heads_q, seqlen_q,
-    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``: ``delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d]``."""
     block_m, batch_head = block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
@@ -54,7 +54,7 @@ def _attn_bwd_preprocess_kernel(
                 + offs_dv[None, :], mask=mask, other=0.0)
     do = tl.load(DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + rows * stride_dom
                  + offs_dv[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
     tl.store(Delta + batch_head.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
@@ -105,7 +105,7 @@ def _attn_bwd_dkdv_inner(
         q_t = mma_operand(q_t, DOT_DTYPE, UPCAST)
         do = mma_operand(do, DOT_DTYPE, UPCAST)
 
-        qk_t = tl.dot(k, q_t, input_precision="ieee")
+        qk_t = tl.dot(k, q_t, input_precision="ieee", out_dtype=dk.dtype)
         bias = 0.0
         if BIAS_KIND != 0:
             bias = load_bias(bias_ptr, rows[None, :], offs_n[:, None], stride_bm, stride_bn, seqlen_q, seqlen_k)
@@ -114,10 +114,11 @@ def _attn_bwd_dkdv_inner(
         keep = visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, window_left, window_right,
                        HAS_LEFT, HAS_RIGHT)
         p_t = tl.where(keep, p_t, 0.0)
-        dv = tl.dot(mma_operand(p_t, DOT_DTYPE, UPCAST), do, dv, input_precision="ieee")
-        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+        dv = tl.dot(mma_operand(p_t, DOT_DTYPE, UPCAST), do, dv, input_precision="ieee", out_dtype=dv.dtype)
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=dk.dtype)
         ds_t = _score_gradient(p_t, dp_t, delta[None, :], capped_t, HAS_SOFTCAP)
-        dk = tl.dot(mma_operand(ds_t, DOT_DTYPE, UPCAST), tl.trans(q_t), dk, input_precision="ieee")
+        dk = tl.dot(mma_operand(ds_t, DOT_DTYPE, UPCAST), tl.trans(q_t), dk, input_precision="ieee",
+                    out_dtype=dk.dtype)
     return dk, dv
 
 
@@ -136,7 +137,7 @@ def _attn_bwd_dkdv_kernel(
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(cdiv(Sk, BLOCK_N) * B * Hkv,)``. Sums over the ``group_size`` query heads of the K/V head in a
     fixed order inside the program, so grouped-query gradients need no atomics either."""
@@ -162,8 +163,8 @@ def _attn_bwd_dkdv_kernel(
                 + offs_dv[None, :], mask=key_mask & mask_dv[None, :], other=0.0)
     k = mma_operand(k, DOT_DTYPE, UPCAST)
     v = mma_operand(v, DOT_DTYPE, UPCAST)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC_DTYPE)
 
     begin, end = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
@@ -216,7 +217,7 @@ def _attn_bwd_dq_inner(
             v = load_tile(v_ptrs, mask_dv[None, :], PAD_DV)
         k = mma_operand(k, DOT_DTYPE, UPCAST)
         v = mma_operand(v, DOT_DTYPE, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=dq.dtype)
         bias = 0.0
         if BIAS_KIND != 0:
             bias = load_bias(bias_ptr, offs_m[:, None], cols[None, :], stride_bm, stride_bn, seqlen_q, seqlen_k)
@@ -226,9 +227,9 @@ def _attn_bwd_dq_inner(
             keep = visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right,
                            HAS_LEFT, HAS_RIGHT)
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=dq.dtype)
         ds = _score_gradient(p, dp, delta[:, None], capped, HAS_SOFTCAP)
-        dq = tl.dot(mma_operand(ds, DOT_DTYPE, UPCAST), k, dq, input_precision="ieee")
+        dq = tl.dot(mma_operand(ds, DOT_DTYPE, UPCAST), k, dq, input_precision="ieee", out_dtype=dq.dtype)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return dq
@@ -248,7 +249,7 @@ def _attn_bwd_dq_kernel(
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
@@ -277,7 +278,7 @@ def _attn_bwd_dq_kernel(
     lse2, delta = _load_row_stats(LSE + row_stats, Delta + row_stats, offs_m, row_mask, True)
     q = mma_operand(q, DOT_DTYPE, UPCAST)
     do = mma_operand(do, DOT_DTYPE, UPCAST)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
 
     k_ptrs = (K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
               + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :])
@@ -338,7 +339,7 @@ def attention_backward(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if batch * heads_q == 0:
         return dq, dk, dv
-    delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    delta = torch.empty((batch, heads_q, seqlen_q), dtype=options.statistics_dtype(q), device=q.device)
     constexprs = options.constexprs(q, v)
     if seqlen_q > 0:
         block_m = configs.PREPROCESS_BLOCK_M
@@ -348,6 +349,7 @@ def attention_backward(
             dout.stride(0), dout.stride(1), dout.stride(2),
             heads_q, seqlen_q,
             HEAD_DIM_V=head_dim_v, BLOCK_DV=constexprs["BLOCK_DV"], BLOCK_M=block_m,
+            ACC_DTYPE=constexprs["ACC_DTYPE"],
         )
 
     bias, bias_strides = options.bias_operand(q)

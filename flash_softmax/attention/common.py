@@ -20,8 +20,8 @@ LN2_CONSTEXPR = tl.constexpr(LN2)
 
 @triton.jit
 def to_input_dtype(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """Round float32 ``x`` to the input dtype. ``UPCAST`` (bfloat16 under the interpreter) rounds on the
-    bit pattern, as the GPU does, where the interpreter's own conversion would truncate."""
+    """Round ``x`` (the accumulation dtype) to the input dtype. ``UPCAST`` (bfloat16 under the interpreter)
+    rounds on the bit pattern, as the GPU does, where the interpreter's own conversion would truncate."""
     if UPCAST:
         return round_to_bfloat16(x.to(tl.float32))
     return x.to(DTYPE)
@@ -117,10 +117,11 @@ def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
 
 @triton.jit
 def tanh(x):
-    """tanh to float32 accuracy from exp2 (the interpreter has no libdevice): an odd Taylor polynomial
-    near 0, where ``(1 - e) / (1 + e)`` would cancel, and that form elsewhere."""
+    """tanh from exp2 (the interpreter has no libdevice), accurate in float64 too: the odd Taylor polynomial
+    through x**15 below 0.25, where ``(1 - e) / (1 + e)`` would cancel, and that form elsewhere."""
     x2 = x * x
-    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (
+        62.0 / 2835.0 + x2 * (-1382.0 / 155925.0 + x2 * (21844.0 / 6081075.0 + x2 * (-929569.0 / 638512875.0))))))))
     e = tl.math.exp2(-2.0 * LOG2E_CONSTEXPR * tl.abs(x))
     closed = (1.0 - e) / (1.0 + e)
     closed = tl.where(x < 0, -closed, closed)
@@ -142,7 +143,7 @@ def logits(qk, bias, qk_scale, softcap_scale, softcap_log2,
         capped = qk
         scores = qk * qk_scale
     if BIAS_KIND == 1:
-        scores = scores + bias.to(tl.float32) * LOG2E_CONSTEXPR
+        scores = scores + bias.to(scores.dtype) * LOG2E_CONSTEXPR
     if BIAS_KIND == 2:
         scores = tl.where(bias, scores, float("-inf"))
     return scores, capped

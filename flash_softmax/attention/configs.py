@@ -155,7 +155,11 @@ def default_config(spaces: dict, head_dim: int, head_dim_v: int, element_size: i
     """The configuration a launch uses when not autotuning: the first of the bucket's space that fits."""
     if INTERPRETED:
         return _interpreter_space()[0]
-    return prune_for(space_configs(spaces), spaces, head_dim, head_dim_v, element_size, _shared_memory_limit())[0]
+    candidates = prune_for(space_configs(spaces), spaces, head_dim, head_dim_v, element_size, _shared_memory_limit())
+    if element_size >= 8:
+        # float64 (gradient checks): the smallest tiles; the spaces are only checked for 16-bit dtypes.
+        return min(candidates, key=lambda config: _shape(config)[0] * _shape(config)[1])
+    return candidates[0]
 
 
 def kernel_and_launch_options(plain, tuned, spaces: dict, head_dim: int, head_dim_v: int, element_size: int):

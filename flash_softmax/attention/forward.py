@@ -53,7 +53,7 @@ def _attn_fwd_inner(
         else:
             k = load_tile(k_ptrs, mask_d[:, None], PAD_D)
             v = load_tile(v_ptrs, mask_dv[None, :], PAD_DV)
-        qk = tl.dot(q, mma_operand(k, DOT_DTYPE, UPCAST), input_precision="ieee")
+        qk = tl.dot(q, mma_operand(k, DOT_DTYPE, UPCAST), input_precision="ieee", out_dtype=acc.dtype)
         bias = 0.0
         if BIAS_KIND != 0:
             bias = load_bias(bias_ptr, offs_m[:, None], cols[None, :], stride_bm, stride_bn, seqlen_q, seqlen_k)
@@ -70,7 +70,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(mma_operand(p, DOT_DTYPE, UPCAST), mma_operand(v, DOT_DTYPE, UPCAST), acc,
-                     input_precision="ieee")
+                     input_precision="ieee", out_dtype=acc.dtype)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -90,7 +90,7 @@ def _attn_fwd_kernel(
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``. Last dims of Q/K/V/Out are contiguous; every other stride
     is passed, and the bias's broadcast dims have stride 0."""
@@ -122,9 +122,9 @@ def _attn_fwd_kernel(
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & mask_d[None, :], other=0.0)
     q = mma_operand(q, DOT_DTYPE, UPCAST)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
 
     begin, full_begin, full_end, end = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                                  BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
@@ -178,7 +178,7 @@ def attention_forward(
     """
     batch, heads_q, seqlen_q, _ = q.shape
     out = torch.empty((batch, heads_q, seqlen_q, v.shape[3]), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=options.statistics_dtype(q), device=q.device)
     if out.numel() == 0:
         return out, lse
 

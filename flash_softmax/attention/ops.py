@@ -64,7 +64,7 @@ def attention_forward_op(
 def _(q, k, v, attn_bias, softmax_scale, window_left, window_right, softcap):
     batch, heads_q, seqlen_q, _ = q.shape
     out = q.new_empty((batch, heads_q, seqlen_q, v.shape[3]))
-    lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+    lse = q.new_empty((batch, heads_q, seqlen_q), dtype=KernelOptions.statistics_dtype(q))
     return out, lse
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton.language as tl
 
 from flash_softmax.attention import configs
 from flash_softmax.attention.common import LOG2E
@@ -54,6 +55,12 @@ class KernelOptions:
             configs.length_bucket(seqlen_q), configs.length_bucket(seqlen_k),
         )
 
+    @staticmethod
+    def statistics_dtype(q: torch.Tensor) -> torch.dtype:
+        """dtype of lse and delta: float32, or float64 for the float64 inputs the launchers also take
+        (the public functions accept 16- and 32-bit inputs; float64 serves gradient checks)."""
+        return torch.float64 if q.dtype == torch.float64 else torch.float32
+
     def constexprs(self, q: torch.Tensor, v: torch.Tensor) -> dict:
         """Compile-time switches: head dims and their padded tiles, which masks and transforms apply."""
         head_dim, head_dim_v = q.shape[3], v.shape[3]
@@ -62,6 +69,8 @@ class KernelOptions:
             BLOCK_D=configs.padded_head_dim(head_dim), BLOCK_DV=configs.padded_head_dim(head_dim_v),
             HAS_LEFT=self.window_left >= 0, HAS_RIGHT=self.window_right >= 0,
             HAS_SOFTCAP=self.softcap > 0, BIAS_KIND=self.bias_kind,
+            # Accumulate (and keep lse) in float32, or float64 for float64 inputs.
+            ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32,
             # tl.dot on bfloat16 multiplies raw bits in the interpreter: widen its operands there.
             UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
         )
