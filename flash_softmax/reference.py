@@ -101,14 +101,16 @@ def attention(
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
 
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    # A row that sees no key has lse = -inf; subtracting 0 instead keeps exp(-inf) = 0 (no NaN) and gives
-    # zero gradients, which is the contract for such rows.
-    empty_row = torch.isneginf(lse)
-    probs = torch.exp(scores - torch.where(empty_row, torch.zeros_like(lse), lse))
+    hidden = torch.isneginf(scores)
+    # A row that sees no key (all -inf) would give logsumexp's backward exp(-inf - -inf) = NaN; its lse is
+    # taken over zeros instead, then set to -inf, so its probabilities and gradients are exactly 0.
+    empty_row = hidden.all(dim=-1, keepdim=True)
+    lse = torch.logsumexp(scores.masked_fill(empty_row, 0.0), dim=-1, keepdim=True)
+    # exp(-inf - lse) is 0 for any lse, NaN included: a NaN row must not reach keys it does not see.
+    probs = torch.exp(scores - lse).masked_fill(hidden, 0.0)
     out = torch.matmul(probs, vc).to(q.dtype)
     if return_lse:
-        return out, lse.squeeze(-1).float()
+        return out, lse.masked_fill(empty_row, float("-inf")).squeeze(-1).float()
     return out
 
 

@@ -187,11 +187,6 @@ def test_nan_bias_under_causal_forward_and_dv():
     assert torch.isnan(v.grad[..., :3, :]).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backward.py _attn_bwd_dkdv_inner: dS = P * (dP - delta) is formed after P is masked to 0, so a "
-    "NaN delta of one row (its output is NaN) turns 0 * NaN into NaN dK for keys that row never sees",
-)
 def test_nan_bias_under_causal_dk_stays_in_the_rows_it_touches():
     q, k, v, bias, out, lse, dout = _nan_bias_under_causal()
     truth = run_reference(q, k, v, dout, torch.float64, causal=True, attn_bias=bias)
@@ -227,11 +222,6 @@ def test_float_bias_minus_inf_on_whole_rows(dtype):
     assert_close("dv", v.grad, truth[2][2], lowp[2][2], factor=GRADIENT_FACTOR)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reference.attention: a row whose float bias is -inf everywhere gets NaN gradients (logsumexp "
-    "backward multiplies by exp(-inf - (-inf)) = NaN), where SPEC section 1 requires zero gradients",
-)
 def test_float_bias_minus_inf_row_reference_gradients():
     q, k, v = make_inputs(1, 1, 1, 4, 6, 4, F32)
     bias = randn(4, 6)
@@ -239,11 +229,6 @@ def test_float_bias_minus_inf_row_reference_gradients():
     check_attention(q, k, v, attn_bias=bias)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reference.attention: the only visible key of a causal row has bias -inf, so the row is empty; "
-    "the reference's gradients for it are NaN (logsumexp backward), SPEC section 1 says zero",
-)
 def test_only_visible_key_minus_inf_matches_reference_gradients():
     q, k, v = make_inputs(1, 1, 1, 6, 6, 4, F32)
     bias = randn(6, 6)
@@ -325,22 +310,8 @@ def test_causal_overrides_right_bound():
         (2**31, 2**31),
         (2**40, -1),
         (-1, 2**40),
-        pytest.param(
-            (-1, 2**31 - 1),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="int32 overflow: key_range (common.py) computes start_m + BLOCK_M + (Sk - Sq) + right "
-                "in int32 for a right bound below 2**31, wraps negative and the rows see no key",
-            ),
-        ),
-        pytest.param(
-            (2**31 - 1, -1),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="int32 overflow: query_range (common.py) computes start_n + BLOCK_N - (Sk - Sq) + left "
-                "in int32 for a left bound below 2**31, so dK/dV skip every query block",
-            ),
-        ),
+        (-1, 2**31 - 1),
+        (2**31 - 1, -1),
     ],
     ids=["2**31", "left-2**40", "right-2**40", "right-int32-max", "left-int32-max"],
 )
@@ -545,34 +516,17 @@ def test_inf_in_v_matches_reference(value, dtype):
     check_attention(q, k, v)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="forward.py: a row with a +inf score has m = +inf and l = exp2(inf - inf) = NaN, so its lse is NaN "
-    "where the reference's logsumexp is +inf; backward then recomputes the whole row's P as NaN",
-)
 @pytest.mark.parametrize("which", ["q", "k"])
 def test_inf_score_gives_infinite_lse(which):
     q, k, v = _with_value(which, float("inf"))
     check_attention(q, k, v)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backward.py _score_gradient: with softcap, dS is multiplied by 1 - tanh(s)**2 after P is masked; "
-    "an inf query row times the zero-padded keys beyond Sk gives NaN scores there, so 0 * NaN makes dq NaN "
-    "where the reference's tanh saturates and gives 0",
-)
 def test_inf_query_with_softcap():
     q, k, v = _with_value("q", float("inf"), shape=(1, 1, 1, 2, 3, 2), index=(0, 0, 1, 1))
     check_attention(q, k, v, softcap=5.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backward.py _attn_bwd_dkdv_inner: P masked to 0 times (dP - delta) with the NaN delta of row 3 "
-    "makes every column of dK NaN for keys row 3 never sees; the reference has NaN only in column 1 "
-    "(0 * NaN of q's NaN entry)",
-)
 def test_nan_query_under_causal_dk():
     q, k, v = _with_value("q", float("nan"))
     out = fs.flash_attention(q, k, v, causal=True)
@@ -582,11 +536,6 @@ def test_nan_query_under_causal_dk():
     assert_close("dk", k.grad, truth[2][1], None, factor=GRADIENT_FACTOR)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reference.attention: with a NaN query row its lse is NaN, and probs = exp(scores - lse) is NaN "
-    "at masked entries too (exp(-inf - NaN)), so the reference's dV is NaN for keys the row never sees",
-)
 def test_nan_query_under_causal_dv():
     q, k, v = _with_value("q", float("nan"))
     out = fs.flash_attention(q, k, v, causal=True)

@@ -116,7 +116,9 @@ def _attn_bwd_dkdv_inner(
         p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(mma_operand(p_t, DOT_DTYPE, UPCAST), do, dv, input_precision="ieee", out_dtype=dv.dtype)
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=dk.dtype)
-        ds_t = _score_gradient(p_t, dp_t, delta[None, :], capped_t, HAS_SOFTCAP)
+        # Masked here too, not only through P: 0 * NaN would carry a NaN row's delta, or a NaN/inf score
+        # outside the band, into keys that row never sees.
+        ds_t = tl.where(keep, _score_gradient(p_t, dp_t, delta[None, :], capped_t, HAS_SOFTCAP), 0.0)
         dk = tl.dot(mma_operand(ds_t, DOT_DTYPE, UPCAST), tl.trans(q_t), dk, input_precision="ieee",
                     out_dtype=dk.dtype)
     return dk, dv
@@ -229,6 +231,8 @@ def _attn_bwd_dq_inner(
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=dq.dtype)
         ds = _score_gradient(p, dp, delta[:, None], capped, HAS_SOFTCAP)
+        if MASKED:
+            ds = tl.where(keep, ds, 0.0)
         dq = tl.dot(mma_operand(ds, DOT_DTYPE, UPCAST), k, dq, input_precision="ieee", out_dtype=dq.dtype)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn

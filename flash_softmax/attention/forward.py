@@ -150,6 +150,9 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty_row, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2_CONSTEXPR)
+    # A +inf score makes l NaN (inf - inf); logsumexp is +inf there, and backward then keeps P finite
+    # wherever the reference does.
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
 
     row_ok = offs_m < seqlen_q
     o_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh

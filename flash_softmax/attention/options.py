@@ -47,9 +47,12 @@ class KernelOptions:
         heads_q, seqlen_q = q.shape[1], q.shape[2]
         heads_kv, seqlen_k = k.shape[1], k.shape[2]
         softcap = self.softcap
+        # A bound of Sq + Sk or more already reaches every key; clamping keeps the kernels' int32 index
+        # arithmetic (start + block + diagonal + bound) from wrapping around for huge bounds.
+        reach = seqlen_q + seqlen_k
         return (
             heads_q, heads_q // heads_kv, seqlen_q, seqlen_k,
-            max(self.window_left, 0), max(self.window_right, 0),
+            min(max(self.window_left, 0), reach), min(max(self.window_right, 0), reach),
             self.softmax_scale, self.softmax_scale * LOG2E,
             self.softmax_scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
             configs.length_bucket(seqlen_q), configs.length_bucket(seqlen_k),
