@@ -42,6 +42,7 @@ gpu-bench:
 	mkdir -p $(OUT)
 	PYTHONPATH=. $(PYTHON) -m flash_softmax bench --out $(OUT)/results 2>&1 | tee $(OUT)/bench.txt
 	PYTHONPATH=. $(PYTHON) -m flash_softmax bench --op softmax --out $(OUT)/results 2>&1 | tee $(OUT)/bench_softmax.txt
+	PYTHONPATH=. $(PYTHON) -m flash_softmax bench --op log_softmax --out $(OUT)/results 2>&1 | tee $(OUT)/bench_log_softmax.txt
 
 gpu-example:
 	mkdir -p $(OUT)

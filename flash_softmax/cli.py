@@ -109,17 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sweep shapes over providers, print a table and write <op>.csv, env.json and plots to "
         "benchmarks/results/<device>/ (or --out).",
     )
-    bench.add_argument("--op", choices=("attention", "softmax"), default="attention", help="which op to time")
+    bench.add_argument("--op", choices=("attention", "softmax", "log_softmax"), default="attention",
+                       help="which op to time")
     _add_shape_flags(bench)
     bench.add_argument("--modes", nargs="+", choices=ATTENTION_MODES, metavar="MODE",
                        help="fwd, bwd (backward only) and/or fwd_bwd")
     bench.add_argument("--providers", nargs="+", metavar="NAME", help="providers to time (default: all that fit)")
-    bench.add_argument("--gqa", type=_positive_int, default=1, metavar="G",
+    bench.add_argument("--gqa", type=_positive_int, metavar="G",
                        help="query heads per key/value head (grouped-query attention; default 1)")
     bench.add_argument("--window", type=_non_negative_int, metavar="W",
                        help="sliding window: W keys on each side of the diagonal (left only when causal)")
-    bench.add_argument("--cols", type=_positive_int, nargs="+", metavar="N", help="softmax row lengths (--op softmax)")
-    bench.add_argument("--rows", type=_positive_int, help="fix the softmax row count (--op softmax)")
+    bench.add_argument("--cols", type=_positive_int, nargs="+", metavar="N",
+                       help="softmax row lengths (--op softmax / log_softmax)")
+    bench.add_argument("--rows", type=_positive_int, help="fix the row count (--op softmax / log_softmax)")
     bench.add_argument("--out", metavar="DIR", help="output folder (default benchmarks/results/<device-slug>)")
     bench.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
 

@@ -190,6 +190,18 @@ def test_bench_softmax_writes_its_csv_and_plot(tmp_path):
     assert (tmp_path / "env.json").exists()
 
 
+def test_bench_log_softmax_writes_its_own_csv(tmp_path):
+    argv = ["bench", "--op", "log_softmax", "--cols", "300", "--rows", "2", "--modes", "fwd", "bwd",
+            "--out", str(tmp_path), "--no-plots"]
+    assert cli.main(argv) == 0
+    columns, rows = read_csv(tmp_path / "log_softmax.csv")
+    assert columns == SOFTMAX_COLUMNS
+    assert [(row["provider"], row["mode"]) for row in rows] == [
+        ("flash_softmax", "fwd"), ("torch", "fwd"), ("flash_softmax", "bwd"), ("torch", "bwd")]
+    assert all(row["status"] == "ok" for row in rows)
+    assert not (tmp_path / "softmax.csv").exists()
+
+
 @pytest.mark.parametrize(
     "seqlen_q,seqlen_k,causal,pairs",
     [(4, 4, False, 16), (4, 4, True, 10), (2, 5, True, 4 + 5), (5, 2, True, 1 + 2), (1, 1, True, 1)],

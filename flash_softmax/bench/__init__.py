@@ -22,7 +22,7 @@ from flash_softmax.info import device_name, device_slug, environment
 
 #: Flags that only make sense for one op; giving them to the other is an error rather than ignored.
 _ATTENTION_ONLY_FLAGS = {"seqlens": "--seqlens", "head_dims": "--head-dims", "causal": "--causal",
-                         "batch": "--batch", "heads": "--heads"}
+                         "batch": "--batch", "heads": "--heads", "gqa": "--gqa", "window": "--window"}
 _SOFTMAX_ONLY_FLAGS = {"cols": "--cols", "rows": "--rows"}
 
 
@@ -80,6 +80,13 @@ _OPS = {
         "columns": ["provider", "mode", "dtype", "rows", "cols", "ms (p20-p80)", "GB/s", "fs speed-up", "status"],
         "table_row": _softmax_table_row,
     },
+    # The same sweep and CSV columns as softmax, over the log_softmax providers (written to log_softmax.csv).
+    "log_softmax": {
+        "module": softmax,
+        "registry": lambda: providers.LOG_SOFTMAX_PROVIDERS,
+        "columns": ["provider", "mode", "dtype", "rows", "cols", "ms (p20-p80)", "GB/s", "fs speed-up", "status"],
+        "table_row": _softmax_table_row,
+    },
 }
 
 
@@ -101,9 +108,9 @@ def _write_plots(op: str, records: list[dict[str, object]], out_dir: Path) -> li
                 empty_note="peak memory is measured on CUDA only", **common))
         else:
             paths.append(output.plot_metric(
-                subset, out_dir / f"softmax_gbps_{dtype}.png", metric="gbps", metric_label="GB/s",
+                subset, out_dir / f"{op}_gbps_{dtype}.png", metric="gbps", metric_label="GB/s",
                 x="cols", x_label="row length (cols)", panel_rows=(), panel_column="mode",
-                title=f"softmax {dtype}, {device}"))
+                title=f"{op} {dtype}, {device}"))
     return paths
 
 

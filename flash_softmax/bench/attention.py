@@ -102,7 +102,7 @@ def resolve_sweep(args, on_gpu: bool) -> dict[str, object]:
         "modes": list(dict.fromkeys(args.modes)) if args.modes else list(MODES),
         "batch": args.batch or defaults["batch"],
         "heads": args.heads or defaults["heads"],
-        "group_size": args.gqa,
+        "group_size": args.gqa or 1,
         "window": -1 if args.window is None else args.window,
     }
 

@@ -184,12 +184,31 @@ def _torch_softmax(config, x):
     return lambda: torch.softmax(x, dim=-1)
 
 
+def _flash_softmax_log_softmax(config, x):
+    import flash_softmax as fs
+
+    return lambda: fs.log_softmax(x, dim=-1)
+
+
+def _torch_log_softmax(config, x):
+    return lambda: torch.log_softmax(x, dim=-1)
+
+
 #: Softmax providers by name.
 SOFTMAX_PROVIDERS: dict[str, Provider] = {
     provider.name: provider
     for provider in (
         Provider("flash_softmax", _flash_softmax_softmax),
         Provider("torch", _torch_softmax),
+    )
+}
+
+#: log_softmax providers by name (``--op log_softmax``).
+LOG_SOFTMAX_PROVIDERS: dict[str, Provider] = {
+    provider.name: provider
+    for provider in (
+        Provider("flash_softmax", _flash_softmax_log_softmax),
+        Provider("torch", _torch_log_softmax),
     )
 }
 
