@@ -23,13 +23,11 @@ from flash_softmax.attention.common import (
     LOG2E_CONSTEXPR,
     block_and_head,
     key_range,
-    load_bias,
     load_tile,
-    logits,
     mma_operand,
     query_range,
+    score_tile,
     to_input_dtype,
-    visible,
 )
 from flash_softmax.attention.options import KernelOptions
 
@@ -105,15 +103,12 @@ def _attn_bwd_dkdv_inner(
         q_t = mma_operand(q_t, DOT_DTYPE, UPCAST)
         do = mma_operand(do, DOT_DTYPE, UPCAST)
 
-        qk_t = tl.dot(k, q_t, input_precision="ieee", out_dtype=dk.dtype)
-        bias = 0.0
-        if BIAS_KIND != 0:
-            bias = load_bias(bias_ptr, rows[None, :], offs_n[:, None], stride_bm, stride_bn, seqlen_q, seqlen_k)
-        scores_t, capped_t = logits(qk_t, bias, qk_scale, softcap_scale, softcap_log2, HAS_SOFTCAP, BIAS_KIND)
-        p_t = tl.math.exp2(scores_t - lse2[None, :])
-        keep = visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, window_left, window_right,
-                       HAS_LEFT, HAS_RIGHT)
-        p_t = tl.where(keep, p_t, 0.0)
+        scores_t, capped_t, keep = score_tile(
+            k, q_t, rows[None, :], offs_n[:, None], bias_ptr, stride_bm, stride_bn, seqlen_q, seqlen_k,
+            window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+            dk.dtype, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND)
+        # exp2(-inf - lse) is NaN for a NaN row: P is zeroed outside the band explicitly.
+        p_t = tl.where(keep, tl.math.exp2(scores_t - lse2[None, :]), 0.0)
         dv = tl.dot(mma_operand(p_t, DOT_DTYPE, UPCAST), do, dv, input_precision="ieee", out_dtype=dv.dtype)
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=dk.dtype)
         # Masked here too, not only through P: 0 * NaN would carry a NaN row's delta, or a NaN/inf score
@@ -219,16 +214,11 @@ def _attn_bwd_dq_inner(
             v = load_tile(v_ptrs, mask_dv[None, :], PAD_DV)
         k = mma_operand(k, DOT_DTYPE, UPCAST)
         v = mma_operand(v, DOT_DTYPE, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=dq.dtype)
-        bias = 0.0
-        if BIAS_KIND != 0:
-            bias = load_bias(bias_ptr, offs_m[:, None], cols[None, :], stride_bm, stride_bn, seqlen_q, seqlen_k)
-        scores, capped = logits(qk, bias, qk_scale, softcap_scale, softcap_log2, HAS_SOFTCAP, BIAS_KIND)
+        scores, capped, keep = score_tile(
+            q, tl.trans(k), offs_m[:, None], cols[None, :], bias_ptr, stride_bm, stride_bn, seqlen_q, seqlen_k,
+            window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+            dq.dtype, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND)
         p = tl.math.exp2(scores - lse2[:, None])
-        if MASKED:
-            keep = visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right,
-                           HAS_LEFT, HAS_RIGHT)
-            p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=dq.dtype)
         ds = _score_gradient(p, dp, delta[:, None], capped, HAS_SOFTCAP)
         if MASKED:

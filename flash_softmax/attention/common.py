@@ -155,3 +155,27 @@ def load_bias(bias_ptr, rows, cols, stride_bm, stride_bn, seqlen_q, seqlen_k):
     in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
     ptrs = bias_ptr + rows.to(tl.int64) * stride_bm + cols.to(tl.int64) * stride_bn
     return tl.load(ptrs, mask=in_bounds, other=0)
+
+
+@triton.jit
+def score_tile(a, b, row_index, col_index, bias_ptr, stride_bm, stride_bn, seqlen_q, seqlen_k,
+               window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+               ACC_DTYPE: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr):
+    """Base-2 logits of the tile ``a @ b``, whose entries pair query ``row_index`` with key ``col_index``
+    (broadcastable index tiles, in either orientation): the bias added, the softcap applied, and -inf
+    outside the band and the sequences when ``MASKED``.
+
+    Returns ``(logits, capped, keep)``: ``capped`` is the softcap's tanh (for its derivative) and ``keep``
+    the band's bool tile (meaningful only when ``MASKED``).
+    """
+    qk = tl.dot(a, b, input_precision="ieee", out_dtype=ACC_DTYPE)
+    bias = 0.0
+    if BIAS_KIND != 0:
+        bias = load_bias(bias_ptr, row_index, col_index, stride_bm, stride_bn, seqlen_q, seqlen_k)
+    scores, capped = logits(qk, bias, qk_scale, softcap_scale, softcap_log2, HAS_SOFTCAP, BIAS_KIND)
+    keep = True
+    if MASKED:
+        keep = visible(row_index, col_index, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        scores = tl.where(keep, scores, float("-inf"))
+    return scores, capped, keep

@@ -21,12 +21,10 @@ from flash_softmax.attention.common import (
     LN2_CONSTEXPR,
     block_and_head,
     key_range,
-    load_bias,
     load_tile,
-    logits,
     mma_operand,
+    score_tile,
     to_input_dtype,
-    visible,
 )
 from flash_softmax.attention.options import KernelOptions
 
@@ -53,15 +51,10 @@ def _attn_fwd_inner(
         else:
             k = load_tile(k_ptrs, mask_d[:, None], PAD_D)
             v = load_tile(v_ptrs, mask_dv[None, :], PAD_DV)
-        qk = tl.dot(q, mma_operand(k, DOT_DTYPE, UPCAST), input_precision="ieee", out_dtype=acc.dtype)
-        bias = 0.0
-        if BIAS_KIND != 0:
-            bias = load_bias(bias_ptr, offs_m[:, None], cols[None, :], stride_bm, stride_bn, seqlen_q, seqlen_k)
-        scores, _ = logits(qk, bias, qk_scale, softcap_scale, softcap_log2, HAS_SOFTCAP, BIAS_KIND)
-        if MASKED:
-            keep = visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right,
-                           HAS_LEFT, HAS_RIGHT)
-            scores = tl.where(keep, scores, float("-inf"))
+        scores, _, _ = score_tile(
+            q, mma_operand(k, DOT_DTYPE, UPCAST), offs_m[:, None], cols[None, :], bias_ptr, stride_bm, stride_bn,
+            seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+            acc.dtype, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         # A row that has seen no key yet keeps m = -inf; subtracting 0 there avoids (-inf) - (-inf) = NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
