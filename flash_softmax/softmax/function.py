@@ -1,4 +1,4 @@
-"""Public functionals ``softmax`` / ``log_softmax`` and the autograd Functions behind them.
+"""Public functionals ``softmax`` / ``log_softmax`` and the autograd Function behind them.
 
 Calls go one way: ``softmax`` (checks, defaults) -> ``SoftmaxFunction`` (saves y) -> the custom ops
 of ``ops.py`` -> ``softmax_forward`` / ``softmax_backward`` (allocate, layout, grid, config) -> the
@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 from flash_softmax._backend import backend_for
 from flash_softmax.softmax.ops import softmax_backward_op, softmax_forward_op
 
-__all__ = ["softmax", "log_softmax", "SoftmaxFunction", "LogSoftmaxFunction"]
+__all__ = ["softmax", "log_softmax", "SoftmaxFunction"]
 
 #: dtypes the kernels compute (in float32) and return. float64 is refused rather than silently computed
 #: in float32; torch.softmax serves it exactly.
@@ -23,37 +23,25 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class SoftmaxFunction(torch.autograd.Function):
-    """softmax along ``dim`` (normalised); backward ``dx = y * (dy - rowsum(dy * y))`` from y alone."""
+    """softmax (``log=False``) or log_softmax (``log=True``) along ``dim`` (normalised), saving only y.
+
+    Backward: ``dx = y * (dy - rowsum(dy * y))`` for softmax, ``dx = dy - exp(y) * rowsum(dy)`` for
+    log_softmax.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
-        y = softmax_forward_op(x, dim, False)
+    def forward(ctx, x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+        y = softmax_forward_op(x, dim, log)
         ctx.save_for_backward(y)
         ctx.dim = dim
+        ctx.log = log
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
-        return softmax_backward_op(y, dy, ctx.dim, False), None
-
-
-class LogSoftmaxFunction(torch.autograd.Function):
-    """log_softmax along ``dim`` (normalised); backward ``dx = dy - exp(y) * rowsum(dy)`` from y alone."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
-        y = softmax_forward_op(x, dim, True)
-        ctx.save_for_backward(y)
-        ctx.dim = dim
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy: torch.Tensor):
-        (y,) = ctx.saved_tensors
-        return softmax_backward_op(y, dy, ctx.dim, True), None
+        return softmax_backward_op(y, dy, ctx.dim, ctx.log), None, None
 
 
 def _checked_dim(x: object, dim: object, function: str) -> int:
@@ -98,7 +86,7 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     dim = _checked_dim(x, dim, "softmax")
     if backend_for(x.device) == "torch":
         return torch.softmax(x, dim)
-    return SoftmaxFunction.apply(x, dim)
+    return SoftmaxFunction.apply(x, dim, False)
 
 
 def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -118,4 +106,4 @@ def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     dim = _checked_dim(x, dim, "log_softmax")
     if backend_for(x.device) == "torch":
         return torch.log_softmax(x, dim)
-    return LogSoftmaxFunction.apply(x, dim)
+    return SoftmaxFunction.apply(x, dim, True)
