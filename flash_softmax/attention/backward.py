@@ -135,6 +135,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Grid ``(cdiv(Sk, BLOCK_N) * B * Hkv,)``. Sums over the ``group_size`` query heads of the K/V head in a
     fixed order inside the program, so grouped-query gradients need no atomics either."""
@@ -244,6 +245,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
@@ -302,14 +304,8 @@ def _attn_bwd_dq_kernel(
              + offs_d[None, :], to_input_dtype(dq, DOT_DTYPE, UPCAST), mask=row_mask[:, None] & mask_d[None, :])
 
 
-def _tuned(kernel):
-    return triton.autotune(
-        configs=configs.backward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.BACKWARD_PRUNE
-    )(kernel)
-
-
-_attn_bwd_dkdv_kernel_tuned = _tuned(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq_kernel_tuned = _tuned(_attn_bwd_dq_kernel)
+_attn_bwd_dkdv_kernel_tuned = configs.autotune("backward_dkdv", _attn_bwd_dkdv_kernel)
+_attn_bwd_dq_kernel_tuned = configs.autotune("backward_dq", _attn_bwd_dq_kernel)
 
 
 def attention_backward(
@@ -355,14 +351,13 @@ def attention_backward(
         dout.stride(0), dout.stride(1), dout.stride(2),
     )
     runtime = options.runtime_arguments(q, k)
-    choice = (configs.BACKWARD_SPACES, q.shape[3], head_dim_v, q.element_size())
+    selection = options.selection_arguments(q, k, v)
     if seqlen_k > 0:
         def dkdv_grid(meta):
             return (triton.cdiv(seqlen_k, meta["BLOCK_N"]) * batch * heads_kv,)
 
-        kernel, launch = configs.kernel_and_launch_options(
-            _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_kernel_tuned, *choice
-        )
+        kernel, _, launch = configs.launch(
+            "backward_dkdv", _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_kernel_tuned, *selection)
         kernel[dkdv_grid](
             q, k, v, bias, dout, lse, delta, dk, dv, *input_strides,
             dk.stride(0), dk.stride(1), dk.stride(2),
@@ -373,9 +368,8 @@ def attention_backward(
         def dq_grid(meta):
             return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * heads_q,)
 
-        kernel, launch = configs.kernel_and_launch_options(
-            _attn_bwd_dq_kernel, _attn_bwd_dq_kernel_tuned, *choice
-        )
+        kernel, _, launch = configs.launch(
+            "backward_dq", _attn_bwd_dq_kernel, _attn_bwd_dq_kernel_tuned, *selection)
         kernel[dq_grid](
             q, k, v, bias, dout, lse, delta, dq, *input_strides,
             dq.stride(0), dq.stride(1), dq.stride(2),

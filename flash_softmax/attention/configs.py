@@ -1,35 +1,126 @@
 """Launch configurations of the attention kernels, in one place.
 
-By default every launch uses one fixed configuration per head-dim bucket (the first of its space that
-fits the device's shared memory). Two processes then run the same tiles in the same order, so results
-and gradients are bitwise reproducible across runs, and the first call of a training run pays no
-tuning. ``FLASH_SOFTMAX_AUTOTUNE=1`` (read at import) autotunes instead over the bucket's space, keyed
-on the head dims, the masks, the dtype and the *bucketed* lengths (the next power of two), so slowly
-varying lengths do not re-tune; the choice then depends on timings and may differ between processes.
-Triton's interpreter always gets one fixed configuration: it runs programs one after another on the
-CPU, where tuning would only measure numpy.
+Three kernels take a tile configuration: ``forward`` (``_attn_fwd_kernel``), ``backward_dkdv`` and
+``backward_dq``. Each has its own space per head-dim bucket, because they want different shapes: the
+forward and dQ kernels own many query rows and walk keys, the dK/dV kernel owns many key rows and walks
+queries. On Hopper, Triton emits wgmma only when the M of a ``tl.dot`` (the rows a warpgroup owns) is a
+multiple of 64, so the row tile of every kernel (BLOCK_M for forward and dQ, BLOCK_N for dK/dV) is 64 or
+128, and its loop tile is kept at 32 or more so that no warpgroup is left with a sliver of a product.
+
+A configuration (``KernelConfig``) is a tile shape, warps and stages, and the Hopper variants the kernels
+switch on at compile time: loads through tensor descriptors (TMA), a warp-specialised loop, and a
+persistent grid that walks tiles heaviest-first.
+
+Which configuration a launch uses (``select_config``), first match wins:
+
+1. a configuration forced by ``override`` (tests run the GPU tiles in the interpreter this way);
+2. Triton's interpreter: one small fixed tile (it runs programs one after another on the CPU);
+3. the tuned table of the current device (``flash_softmax/configs/<device-slug>.json``, written by
+   ``flash-softmax tune``; see ``table.py``);
+4. the first configuration of the bucket's space that fits the device's shared memory (the default).
+
+The choice is cached per (kernel, dtype, head dims, causal, length bucket, device): a launch pays one
+dictionary lookup. Results are then fixed per shape, so two processes run the same tiles in the same
+order and gradients are bitwise reproducible across runs. ``FLASH_SOFTMAX_AUTOTUNE=1`` (read at import)
+autotunes over the bucket's space instead, keyed on the bucketed lengths (next power of two); the choice
+then depends on timings and may differ between processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import asdict, dataclass, fields, replace
 
 import triton
 
 from flash_softmax._backend import INTERPRETED
 
-#: Autotune over the spaces below instead of using each bucket's default configuration.
+#: Autotune over the spaces below instead of using the table or each bucket's default configuration.
 AUTOTUNE = os.environ.get("FLASH_SOFTMAX_AUTOTUNE", "0").strip().lower() in {"1", "true", "yes", "on"}
 
 #: Smallest tile side ``tl.dot`` accepts on tensor cores.
 MIN_DOT_SIZE = 16
 MAX_HEAD_DIM = 256
 
+#: The kernels that take a ``KernelConfig``.
+KERNEL_NAMES = ("forward", "backward_dkdv", "backward_dq")
+
 # Blocks of 32 keep the interpreter quick while still giving multi-block loops on small test shapes.
 _INTERPRETER_BLOCK = 32
 
 # A conservative shared-memory budget (bytes) used when no device can be queried: an A100's opt-in limit.
 _DEFAULT_SHARED_MEMORY = 166_912
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration of an attention kernel.
+
+    ``block_m`` query rows and ``block_n`` key rows per tile; ``num_warps`` and ``num_stages`` as in
+    ``triton.Config``. The variants (compile-time switches of the same kernels):
+
+    - ``tma``: Q/K/V/dO tiles are loaded through tensor descriptors (TMA on Hopper) instead of pointer
+      tiles; the launcher keeps the pointer path for layouts a descriptor cannot describe.
+    - ``warp_specialize``: the loop over the streamed tiles is ``tl.range(..., warp_specialize=True)``
+      (producer warps load, consumer warps compute).
+    - ``persistent``: one program per SM (or fewer), each walking a share of the tiles, heaviest first.
+    - ``split_dkdv`` (dK/dV kernel only): dV and dK are computed by two launches that each hold one
+      accumulator, so a 256-wide head fits the registers with wgmma-sized tiles.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False
+    warp_specialize: bool = False
+    persistent: bool = False
+    split_dkdv: bool = False
+
+    @property
+    def label(self) -> str:
+        """``128x64 w8 s3`` followed by the variants that are on, e.g. ``tma ws persistent``."""
+        flags = [name for name, on in (("tma", self.tma), ("ws", self.warp_specialize),
+                                       ("persistent", self.persistent), ("split", self.split_dkdv)) if on]
+        return " ".join([f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}", *flags])
+
+    def constexprs(self) -> dict:
+        """The kernel's compile-time arguments for this configuration."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, USE_TMA=self.tma,
+                    WARP_SPECIALIZE=self.warp_specialize, PERSISTENT=self.persistent)
+
+    def launch_options(self) -> dict:
+        """Keyword arguments of a launch: the constexprs, ``num_warps`` and ``num_stages``."""
+        return {**self.constexprs(), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KernelConfig":
+        """Inverse of ``to_dict``; unknown keys are an error, so a table from a newer version is not misread."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown KernelConfig fields {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**data)
+
+    def as_triton_config(self) -> triton.Config:
+        return triton.Config(self.constexprs(), num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """What a configuration is chosen by (the tuned table's key): the kernel, the dtype name
+    (``"bfloat16"``), the head-dim bucket (``head_dim_bucket``), whether the band is causal, and the
+    length bucket (the next power of two of ``max(Sq, Sk)``, at least 128)."""
+
+    kernel: str
+    dtype: str
+    head_dim_bucket: int
+    causal: bool
+    seqlen_bucket: int
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -40,6 +131,16 @@ def padded_head_dim(head_dim: int) -> int:
 def length_bucket(length: int) -> int:
     """Autotune key for a sequence length: its next power of two (0 stays 0)."""
     return triton.next_power_of_2(length) if length > 0 else 0
+
+
+def table_length_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    """The tuned table's length bucket: next power of two of the longer side, at least 128."""
+    return max(128, length_bucket(max(seqlen_q, seqlen_k)))
+
+
+def head_dim_bucket(head_dim: int, head_dim_v: int) -> int:
+    """The spaces' key: the padded width of the wider head dim, at least 64."""
+    return max(64, padded_head_dim(max(head_dim, head_dim_v)))
 
 
 def _shared_memory_limit() -> int:
@@ -54,121 +155,208 @@ def _shared_memory_limit() -> int:
     return _DEFAULT_SHARED_MEMORY
 
 
-def _estimated_shared_memory(
-    block_rows: int, block_loop: int, head_dim: int, head_dim_v: int, stages: int, element_size: int
-) -> int:
-    """Upper estimate of the bytes of shared memory a kernel needs: its resident tiles plus ``stages``
-    buffers of the tiles it streams."""
+def estimated_shared_memory(kernel: str, config: KernelConfig, head_dim: int, head_dim_v: int,
+                            element_size: int) -> int:
+    """Upper estimate of the bytes of shared memory a kernel needs: its resident tiles plus ``num_stages``
+    buffers of the tiles it streams (K and V for forward and dQ, Q and dO for dK/dV)."""
     width_qk, width_v = padded_head_dim(head_dim), padded_head_dim(head_dim_v)
-    resident = block_rows * (width_qk + width_v)
-    pipelined = stages * block_loop * (width_qk + width_v)
+    rows, streamed = ((config.block_n, config.block_m) if kernel == "backward_dkdv"
+                      else (config.block_m, config.block_n))
+    resident = rows * (width_qk + width_v)
+    pipelined = config.num_stages * streamed * (width_qk + width_v)
     return element_size * (resident + pipelined)
 
 
-# The autotune spaces, per head-dim bucket (the padded head dim: <= 64, 128, 256), as
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Every entry compiles without register spills for sm_80 and
-# sm_90a in 16-bit dtypes (`flash-softmax compile-report`, checked in the test suite); notes/perf.md
-# records the configurations that were dropped and why.
-FORWARD_SPACES = {
-    64: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
-    256: [(64, 64, 8, 2), (64, 32, 8, 2)],
+def _space(*entries, **variant) -> list[KernelConfig]:
+    return [KernelConfig(*entry, **variant) for entry in entries]
+
+
+# The spaces, per kernel and head-dim bucket (the padded head dim: <= 64, 128, 256), as
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) and variants. The first entry of a bucket that fits the
+# device's shared memory is the default. Every entry compiles without register spills for sm_80 and
+# sm_90a in 16-bit dtypes, and on sm_90a to wgmma with tiles of 32 or more along N
+# (`flash-softmax compile-report`, checked in the test suite); notes/perf.md records what was dropped.
+# The variants come after the plain configurations: they have never been timed, and `flash-softmax tune`
+# on a GPU decides whether they win.
+SPACES: dict[str, dict[int, list[KernelConfig]]] = {
+    "forward": {
+        64: _space((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
+        128: _space((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)),
+        256: _space((64, 64, 8, 2), (64, 32, 8, 2)),
+    },
+    "backward_dkdv": {
+        64: _space((32, 128, 8, 2), (32, 64, 4, 2)),
+        128: _space((32, 128, 8, 2)),
+        256: _space((32, 64, 4, 2), split_dkdv=True),
+    },
+    "backward_dq": {
+        64: _space((128, 64, 8, 2), (64, 64, 4, 2)),
+        128: _space((128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)),
+        256: _space((128, 32, 8, 2), (64, 32, 8, 2)),
+    },
 }
-BACKWARD_SPACES = {
-    64: [(32, 64, 4, 3), (32, 64, 8, 2), (32, 128, 8, 2)],
-    128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3)],
-    256: [(32, 32, 8, 2)],
-}
 
 
-def head_dim_bucket(head_dim: int, head_dim_v: int) -> int:
-    """The spaces' key: the padded width of the wider head dim, at least 64."""
-    return max(64, padded_head_dim(max(head_dim, head_dim_v)))
+def space(kernel: str, head_dim: int, head_dim_v: int) -> list[KernelConfig]:
+    """The configurations of ``kernel``'s space for these head dims (their bucket), default first."""
+    return SPACES[kernel][head_dim_bucket(head_dim, head_dim_v)]
 
 
-def _shape(config) -> tuple[int, int, int, int]:
-    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
-
-
-def _configs(entries):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in entries]
-
-
-def space_configs(spaces: dict) -> list:
-    """Every configuration of the buckets of ``spaces``, each once."""
-    entries = []
-    for bucket_entries in spaces.values():
+def all_configs(kernel: str) -> list[KernelConfig]:
+    """Every configuration of ``kernel``'s buckets, each once, in order."""
+    entries: list[KernelConfig] = []
+    for bucket_entries in SPACES[kernel].values():
         entries += [entry for entry in bucket_entries if entry not in entries]
-    return _configs(entries)
+    return entries
 
 
-def prune_for(configs, spaces: dict, head_dim: int, head_dim_v: int, element_size: int, shared_limit: int):
-    """The configurations worth trying for these head dims: those of their bucket in ``spaces``
-    (``FORWARD_SPACES`` or ``BACKWARD_SPACES``) whose tiles fit ``shared_limit`` bytes."""
-    wanted = set(spaces[head_dim_bucket(head_dim, head_dim_v)])
-    kept = [
-        config for config in configs
-        if _shape(config) in wanted
-        and _estimated_shared_memory(*_shape(config)[:2], head_dim, head_dim_v, config.num_stages, element_size)
-        <= shared_limit
-    ]
-    # Always leave one candidate: the smallest tiles of the bucket.
-    return kept or sorted((c for c in configs if _shape(c) in wanted), key=lambda c: _shape(c)[:2])[:1] or configs[:1]
+def fits(kernel: str, config: KernelConfig, head_dim: int, head_dim_v: int, element_size: int,
+         shared_limit: int) -> bool:
+    """Whether ``config``'s estimated shared memory fits ``shared_limit`` bytes."""
+    return estimated_shared_memory(kernel, config, head_dim, head_dim_v, element_size) <= shared_limit
 
 
-def _pruner(spaces: dict):
-    def prune(configs, named_args, **kwargs):
-        """Autotuner hook: ``prune_for`` with the call's head dims, element size and device."""
-        return prune_for(
-            configs, spaces, named_args["HEAD_DIM"], named_args["HEAD_DIM_V"], named_args["Q"].element_size(),
-            _shared_memory_limit(),
-        )
-
-    return prune
+def prune(kernel: str, head_dim: int, head_dim_v: int, element_size: int, shared_limit: int) -> list[KernelConfig]:
+    """The configurations worth trying: those of the bucket whose tiles fit ``shared_limit`` bytes. Never
+    empty: when none fits, the one with the smallest tiles is kept."""
+    candidates = space(kernel, head_dim, head_dim_v)
+    kept = [c for c in candidates if fits(kernel, c, head_dim, head_dim_v, element_size, shared_limit)]
+    return kept or [min(candidates, key=lambda c: (c.block_m * c.block_n, c.num_stages))]
 
 
-def _interpreter_space():
-    return _configs([(_INTERPRETER_BLOCK, _INTERPRETER_BLOCK, 4, 1)])
-
-
-def gpu_forward_space():
-    """Configurations of ``_attn_fwd_kernel`` on a GPU: BLOCK_M query rows per program, BLOCK_N keys per step."""
-    return space_configs(FORWARD_SPACES)
-
-
-def gpu_backward_space():
-    """Configurations of the dK/dV and dQ kernels on a GPU (BLOCK_M query rows, BLOCK_N key rows per tile)."""
-    return space_configs(BACKWARD_SPACES)
-
-
-def forward_configs():
-    """The forward's autotune space in this process (one fixed configuration in the interpreter)."""
-    return _interpreter_space() if INTERPRETED else gpu_forward_space()
-
-
-def backward_configs():
-    """The backward kernels' autotune space in this process."""
-    return _interpreter_space() if INTERPRETED else gpu_backward_space()
-
-
-def default_config(spaces: dict, head_dim: int, head_dim_v: int, element_size: int) -> triton.Config:
-    """The configuration a launch uses when not autotuning: the first of the bucket's space that fits."""
-    if INTERPRETED:
-        return _interpreter_space()[0]
-    candidates = prune_for(space_configs(spaces), spaces, head_dim, head_dim_v, element_size, _shared_memory_limit())
+def default_config(kernel: str, head_dim: int, head_dim_v: int, element_size: int,
+                   shared_limit: int | None = None) -> KernelConfig:
+    """The configuration a launch uses without a table entry: the first of the bucket's space that fits."""
+    limit = _shared_memory_limit() if shared_limit is None else shared_limit
+    candidates = prune(kernel, head_dim, head_dim_v, element_size, limit)
     if element_size >= 8:
-        # float64 (gradient checks): the smallest tiles; the spaces are only checked for 16-bit dtypes.
-        return min(candidates, key=lambda config: _shape(config)[0] * _shape(config)[1])
+        # float64 (gradient checks): the smallest plain tiles; the spaces are only checked for 16-bit dtypes.
+        return replace(min(candidates, key=lambda c: c.block_m * c.block_n), tma=False, warp_specialize=False,
+                       persistent=False)
     return candidates[0]
 
 
-def kernel_and_launch_options(plain, tuned, spaces: dict, head_dim: int, head_dim_v: int, element_size: int):
-    """``(kernel, options)`` for one launch: the autotuned kernel with no options when ``AUTOTUNE``, else
-    the plain kernel with its default configuration's block sizes, warps and stages."""
-    if AUTOTUNE and not INTERPRETED:
-        return tuned, {}
-    config = default_config(spaces, head_dim, head_dim_v, element_size)
-    return plain, {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+def interpreter_config(kernel: str) -> KernelConfig:
+    """The one configuration Triton's interpreter runs (the dK/dV kernel splits for 256-wide heads on a
+    GPU; the interpreter keeps the fused form, the split being exercised through ``override``)."""
+    return KernelConfig(_INTERPRETER_BLOCK, _INTERPRETER_BLOCK, 4, 1)
+
+
+# --- selection ------------------------------------------------------------------------------------------
+
+_overrides: dict[str, KernelConfig] = {}
+_cache: dict[tuple, KernelConfig] = {}
+
+
+@contextlib.contextmanager
+def override(**configs: KernelConfig):
+    """Force configurations inside a ``with`` block, e.g. ``override(forward=KernelConfig(128, 64, 8, 3))``.
+
+    Keyword names are ``KERNEL_NAMES`` (``forward``, ``backward_dkdv``, ``backward_dq``). Used by tests
+    to run the GPU tiles in the interpreter and by ``flash-softmax tune`` to time each candidate.
+    """
+    for name, config in configs.items():
+        if name not in KERNEL_NAMES:
+            raise ValueError(f"override() takes kernel names {KERNEL_NAMES}, got {name!r}")
+        if not isinstance(config, KernelConfig):
+            raise TypeError(f"override({name}=...) must be a KernelConfig, got {type(config).__name__}")
+    saved = dict(_overrides)
+    _overrides.update(configs)
+    _cache.clear()
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+        _cache.clear()
+
+
+def config_key(kernel: str, dtype_name: str, head_dim: int, head_dim_v: int, causal: bool,
+               seqlen_q: int, seqlen_k: int) -> ConfigKey:
+    return ConfigKey(kernel, dtype_name, head_dim_bucket(head_dim, head_dim_v), causal,
+                     table_length_bucket(seqlen_q, seqlen_k))
+
+
+def select_config(kernel: str, dtype_name: str, element_size: int, head_dim: int, head_dim_v: int,
+                  causal: bool, seqlen_q: int, seqlen_k: int, device_index: int = 0) -> tuple[KernelConfig, str]:
+    """``(config, source)`` for one launch; ``source`` is ``"override"``, ``"interpreter"``, ``"table"`` or
+    ``"default"`` (what ``flash-softmax info`` reports). Cached per shape bucket."""
+    if kernel in _overrides:
+        return _overrides[kernel], "override"
+    if INTERPRETED:
+        return interpreter_config(kernel), "interpreter"
+    cache_key = (kernel, dtype_name, element_size, head_dim, head_dim_v, causal,
+                 table_length_bucket(seqlen_q, seqlen_k), device_index)
+    hit = _cache.get(cache_key)
+    if hit is None:
+        hit = _select_uncached(kernel, dtype_name, element_size, head_dim, head_dim_v, causal, seqlen_q, seqlen_k)
+        _cache[cache_key] = hit
+    return hit
+
+
+def _select_uncached(kernel, dtype_name, element_size, head_dim, head_dim_v, causal, seqlen_q, seqlen_k):
+    if element_size < 8:
+        from flash_softmax.attention import table
+
+        tuned = table.current_table()
+        if tuned is not None:
+            entry = tuned.lookup(config_key(kernel, dtype_name, head_dim, head_dim_v, causal, seqlen_q, seqlen_k))
+            if entry is not None and fits(kernel, entry, head_dim, head_dim_v, element_size,
+                                          _shared_memory_limit()):
+                return entry, "table"
+    return default_config(kernel, head_dim, head_dim_v, element_size), "default"
+
+
+def clear_cache() -> None:
+    """Forget cached choices (after writing a new table, or in tests)."""
+    _cache.clear()
+
+
+# --- autotuning (opt-in) --------------------------------------------------------------------------------
+
+def _pruner(kernel: str):
+    def prune_hook(configs, named_args, **kwargs):
+        """Triton's ``early_config_prune`` hook. Triton 3.6's autotuner passes the positional arguments in
+        ``named_args`` and the keyword ones in ``kwargs``; the launchers pass HEAD_DIM by keyword."""
+        arguments = {**named_args, **kwargs}
+        head_dim, head_dim_v = arguments["HEAD_DIM"], arguments["HEAD_DIM_V"]
+        wanted = set(prune(kernel, head_dim, head_dim_v, arguments["Q"].element_size(), _shared_memory_limit()))
+        kept = [c for c in configs if _from_triton(c) in wanted]
+        return kept or configs[:1]
+
+    return prune_hook
+
+
+def _from_triton(config: triton.Config) -> KernelConfig:
+    kwargs = config.kwargs
+    return KernelConfig(kwargs["BLOCK_M"], kwargs["BLOCK_N"], config.num_warps, config.num_stages,
+                        tma=kwargs["USE_TMA"], warp_specialize=kwargs["WARP_SPECIALIZE"],
+                        persistent=kwargs["PERSISTENT"])
+
+
+def autotune(kernel: str, jit_function):
+    """``jit_function`` wrapped in ``triton.autotune`` over ``kernel``'s space (one config in the
+    interpreter). Split and persistent configurations change the launch itself, so they are left to the
+    table and ``override``; the autotuner times the rest."""
+    if INTERPRETED:
+        candidates = [interpreter_config(kernel)]
+    else:
+        candidates = [c for c in all_configs(kernel) if not c.split_dkdv and not c.persistent]
+    return triton.autotune(
+        configs=[c.as_triton_config() for c in candidates], key=AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": _pruner(kernel)},
+    )(jit_function)
+
+
+def launch(kernel: str, plain, tuned, dtype_name: str, element_size: int, head_dim: int, head_dim_v: int,
+           causal: bool, seqlen_q: int, seqlen_k: int, device_index: int = 0):
+    """``(jit kernel, config or None, launch keyword arguments)``: the autotuned kernel with no options
+    when ``AUTOTUNE`` (and nothing overrides it), else the plain kernel with the selected configuration."""
+    if AUTOTUNE and not INTERPRETED and kernel not in _overrides:
+        return tuned, None, {}
+    config, _ = select_config(kernel, dtype_name, element_size, head_dim, head_dim_v, causal,
+                              seqlen_q, seqlen_k, device_index)
+    return plain, config, config.launch_options()
 
 
 PREPROCESS_BLOCK_M = _INTERPRETER_BLOCK if INTERPRETED else 64
@@ -178,8 +366,6 @@ AUTOTUNE_KEY = [
     "SEQLEN_Q_BUCKET", "SEQLEN_K_BUCKET", "HEAD_DIM", "HEAD_DIM_V",
     "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "BIAS_KIND",
 ]
-FORWARD_PRUNE = {"early_config_prune": _pruner(FORWARD_SPACES)}
-BACKWARD_PRUNE = {"early_config_prune": _pruner(BACKWARD_SPACES)}
 #: Size arguments that may equal 1: Triton would otherwise turn them into compile-time constants,
 #: recompiling per value and breaking code that treats them as runtime integers.
 RUNTIME_SIZES = ["num_heads_q", "group_size", "seqlen_q", "seqlen_k"]

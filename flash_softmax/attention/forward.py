@@ -84,6 +84,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``. Last dims of Q/K/V/Out are contiguous; every other stride
     is passed, and the bias's broadcast dims have stride 0."""
@@ -154,9 +155,7 @@ def _attn_fwd_kernel(
     tl.store(LSE + batch_head.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
 
 
-_attn_fwd_kernel_tuned = triton.autotune(
-    configs=configs.forward_configs(), key=configs.AUTOTUNE_KEY, prune_configs_by=configs.FORWARD_PRUNE
-)(_attn_fwd_kernel)
+_attn_fwd_kernel_tuned = configs.autotune("forward", _attn_fwd_kernel)
 
 
 def attention_forward(
@@ -182,10 +181,8 @@ def attention_forward(
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * heads_q,)
 
     bias, bias_strides = options.bias_operand(q)
-    kernel, launch = configs.kernel_and_launch_options(
-        _attn_fwd_kernel, _attn_fwd_kernel_tuned, configs.FORWARD_SPACES, q.shape[3], v.shape[3],
-        q.element_size(),
-    )
+    kernel, _, launch = configs.launch(
+        "forward", _attn_fwd_kernel, _attn_fwd_kernel_tuned, *options.selection_arguments(q, k, v))
     kernel[grid](
         q, k, v, bias, out, lse,
         q.stride(0), q.stride(1), q.stride(2),

@@ -58,6 +58,14 @@ class KernelOptions:
             configs.length_bucket(seqlen_q), configs.length_bucket(seqlen_k),
         )
 
+    def selection_arguments(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """What ``configs.launch`` chooses a configuration by: dtype name and size, head dims, whether the
+        band is causal-like (bounded on the right), the lengths, and the device index."""
+        return (
+            str(q.dtype).removeprefix("torch."), q.element_size(), q.shape[3], v.shape[3],
+            self.window_right >= 0, q.shape[2], k.shape[2], q.device.index or 0,
+        )
+
     @staticmethod
     def statistics_dtype(q: torch.Tensor) -> torch.dtype:
         """dtype of lse and delta: float32, or float64 for the float64 inputs the launchers also take
