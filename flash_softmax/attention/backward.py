@@ -20,8 +20,8 @@ import triton.language as tl
 
 from flash_softmax.attention import configs
 from flash_softmax.attention.common import (
-    LOG2E_CONSTEXPR,
     block_and_head,
+    heaviest_first,
     key_range,
     load_tile,
     mma_operand,
@@ -58,10 +58,11 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _load_row_stats(LSE, Delta, rows, row_mask, MASKED: tl.constexpr):
-    """Base-2 lse and delta of query rows. A row that saw no key (lse = -inf) gets +inf, so its P is 0."""
+    """Base-2 lse (as the forward stores it) and delta of query rows. A row that saw no key (lse = -inf)
+    gets +inf, so its P is 0."""
     lse = load_tile(LSE + rows, row_mask, MASKED)
     delta = load_tile(Delta + rows, row_mask, MASKED)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_CONSTEXPR)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
     return lse2, delta
 
 
@@ -77,28 +78,35 @@ def _score_gradient(p, dp, delta, capped, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
-    q_head, do_head, LSE, Delta, bias_ptr, stride_qm, stride_dom, stride_bm, stride_bn,
+    q_head, do_head, q_desc, do_desc, LSE, Delta, bias_ptr, stride_qm, stride_dom, stride_bm, stride_bn,
     offs_m, offs_n, offs_d, offs_dv, mask_d, mask_dv,
     start_m, end_m, seqlen_q, seqlen_k, window_left, window_right,
     qk_scale, softcap_scale, softcap_log2,
     BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """Accumulate the contribution of query rows ``[start_m, end_m)`` of one head to this key block.
 
     Works on transposed tiles (keys along rows) so that ``dK`` and ``dV`` come out of ``tl.dot`` directly:
     ``Sᵀ = K Qᵀ``, ``Pᵀ = exp2(Sᵀ - lse)``, ``dV += Pᵀ dO``, ``dPᵀ = V dOᵀ``, ``dSᵀ = Pᵀ (dPᵀ - delta)``,
-    ``dK += dSᵀ Q`` (the softmax scale is applied once, after the loop). Q is loaded already transposed,
-    and tile addresses are recomputed each step from the head's base pointer rather than carried across
-    iterations, which keeps them out of the registers the accumulators need.
+    ``dK += dSᵀ Q`` (the softmax scale is applied once, after the loop). ``COMPUTE_DK`` / ``COMPUTE_DV`` say
+    which of the two accumulate (a split launch computes one per pass). Q and dO come from tensor
+    descriptors with ``USE_TMA``; otherwise Q is loaded already transposed, and tile addresses are
+    recomputed each step from the head's base pointer rather than carried across iterations, which keeps
+    them out of the registers the accumulators need.
     """
-    for block_start in range(start_m, end_m, BLOCK_M):
+    for block_start in tl.range(start_m, end_m, BLOCK_M, warp_specialize=WARP_SPECIALIZE):
         rows = block_start + offs_m
         row_mask = rows < seqlen_q
-        q_t_ptrs = q_head + rows[None, :].to(tl.int64) * stride_qm + offs_d[:, None]
-        do_ptrs = do_head + rows[:, None].to(tl.int64) * stride_dom + offs_dv[None, :]
-        q_t = tl.load(q_t_ptrs, mask=row_mask[None, :] & mask_d[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
+        if USE_TMA:
+            q_t = tl.trans(q_desc.load([block_start, 0]))
+            do = do_desc.load([block_start, 0])
+        else:
+            q_t_ptrs = q_head + rows[None, :].to(tl.int64) * stride_qm + offs_d[:, None]
+            do_ptrs = do_head + rows[:, None].to(tl.int64) * stride_dom + offs_dv[None, :]
+            q_t = tl.load(q_t_ptrs, mask=row_mask[None, :] & mask_d[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
         lse2, delta = _load_row_stats(LSE, Delta, rows, row_mask, True)
         q_t = mma_operand(q_t, DOT_DTYPE, UPCAST)
         do = mma_operand(do, DOT_DTYPE, UPCAST)
@@ -109,42 +117,59 @@ def _attn_bwd_dkdv_inner(
             dk.dtype, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND)
         # exp2(-inf - lse) is NaN for a NaN row: P is zeroed outside the band explicitly.
         p_t = tl.where(keep, tl.math.exp2(scores_t - lse2[None, :]), 0.0)
-        dv = tl.dot(mma_operand(p_t, DOT_DTYPE, UPCAST), do, dv, input_precision="ieee", out_dtype=dv.dtype)
-        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=dk.dtype)
-        # Masked here too, not only through P: 0 * NaN would carry a NaN row's delta, or a NaN/inf score
-        # outside the band, into keys that row never sees.
-        ds_t = tl.where(keep, _score_gradient(p_t, dp_t, delta[None, :], capped_t, HAS_SOFTCAP), 0.0)
-        dk = tl.dot(mma_operand(ds_t, DOT_DTYPE, UPCAST), tl.trans(q_t), dk, input_precision="ieee",
-                    out_dtype=dk.dtype)
+        if COMPUTE_DV:
+            dv = tl.dot(mma_operand(p_t, DOT_DTYPE, UPCAST), do, dv, input_precision="ieee", out_dtype=dv.dtype)
+        if COMPUTE_DK:
+            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=dk.dtype)
+            # Masked here too, not only through P: 0 * NaN would carry a NaN row's delta, or a NaN/inf score
+            # outside the band, into keys that row never sees.
+            ds_t = tl.where(keep, _score_gradient(p_t, dp_t, delta[None, :], capped_t, HAS_SOFTCAP), 0.0)
+            dk = tl.dot(mma_operand(ds_t, DOT_DTYPE, UPCAST), tl.trans(q_t), dk, input_precision="ieee",
+                        out_dtype=dk.dtype)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
-def _attn_bwd_dkdv_kernel(
+@triton.jit
+def _store_gradient(ptrs, x, mask, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """Store an accumulator in the gradient's dtype: the input dtype, or float32 partial sums (GQA splits)."""
+    if DTYPE == DOT_DTYPE:
+        tl.store(ptrs, to_input_dtype(x, DOT_DTYPE, UPCAST), mask=mask)
+    else:
+        tl.store(ptrs, x.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_tile(
+    block_n, unit,
     Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dob, stride_doh, stride_dom,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+    stride_dks, stride_dkb, stride_dkh, stride_dkn,
+    stride_dvs, stride_dvb, stride_dvh, stride_dvn,
+    num_heads_q, group_size, head_splits, seqlen_q, seqlen_k, window_left, window_right,
     softmax_scale, qk_scale, softcap_scale, softcap_log2,
-    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sk, BLOCK_N) * B * Hkv,)``. Sums over the ``group_size`` query heads of the K/V head in a
-    fixed order inside the program, so grouped-query gradients need no atomics either."""
+    """dK/dV rows ``[block_n * BLOCK_N, (block_n + 1) * BLOCK_N)`` of one (batch, K/V head), summed over the
+    query heads of one share of its group. ``unit = (batch * Hkv + head_kv) * head_splits + split``: share
+    ``split`` of ``head_splits`` takes consecutive members of the group and writes its partial sums at
+    ``split * stride_dks`` (``head_splits = 1``: the whole group, written straight into dK/dV)."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
-    block_n, batch_head_kv = block_and_head(tl.cdiv(seqlen_k, BLOCK_N))
     start_n = block_n * BLOCK_N
+    split = unit % head_splits
+    batch_head_kv = unit // head_splits
     num_heads_kv = num_heads_q // group_size
     batch = batch_head_kv // num_heads_kv
     head_kv = batch_head_kv % num_heads_kv
+    members = tl.cdiv(group_size, head_splits)
+    member_begin = split * members
+    member_end = tl.minimum(member_begin + members, group_size)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -155,10 +180,16 @@ def _attn_bwd_dkdv_kernel(
     key_rows = offs_n[:, None].to(tl.int64)
     key_mask = offs_n[:, None] < seqlen_k
 
-    k = tl.load(K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh + key_rows * stride_kn
-                + offs_d[None, :], mask=key_mask & mask_d[None, :], other=0.0)
-    v = tl.load(V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh + key_rows * stride_vn
-                + offs_dv[None, :], mask=key_mask & mask_dv[None, :], other=0.0)
+    k_head = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
+    v_head = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
+    if USE_TMA:
+        k = tl.make_tensor_descriptor(k_head, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_D]).load([start_n, 0])
+        v = tl.make_tensor_descriptor(v_head, shape=[seqlen_k, HEAD_DIM_V], strides=[stride_vn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_DV]).load([start_n, 0])
+    else:
+        k = tl.load(k_head + key_rows * stride_kn + offs_d[None, :], mask=key_mask & mask_d[None, :], other=0.0)
+        v = tl.load(v_head + key_rows * stride_vn + offs_dv[None, :], mask=key_mask & mask_dv[None, :], other=0.0)
     k = mma_operand(k, DOT_DTYPE, UPCAST)
     v = mma_operand(v, DOT_DTYPE, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
@@ -166,48 +197,111 @@ def _attn_bwd_dkdv_kernel(
 
     begin, end = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for member in range(0, group_size):
+    for member in range(member_begin, member_end):
         head = head_kv * group_size + member
         q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
         do_head = DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        if USE_TMA:
+            q_desc = tl.make_tensor_descriptor(q_head, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+            do_desc = tl.make_tensor_descriptor(do_head, shape=[seqlen_q, HEAD_DIM_V], strides=[stride_dom, 1],
+                                                block_shape=[BLOCK_M, BLOCK_DV])
+        else:
+            q_desc = Q
+            do_desc = DOut
         bias_ptr = Bias + batch.to(tl.int64) * stride_bb + head.to(tl.int64) * stride_bh
         row_stats = (batch * num_heads_q + head).to(tl.int64) * seqlen_q
         # One masked loop over the band. Splitting off the mask-free interior, as the forward and dQ do,
         # makes ptxas spill here: with dK and dV both accumulating, a second copy of the loop does not
         # fit the registers (see notes/perf.md and `flash-softmax compile-report`).
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_head, do_head, LSE + row_stats, Delta + row_stats, bias_ptr,
+            dk, dv, k, v, q_head, do_head, q_desc, do_desc, LSE + row_stats, Delta + row_stats, bias_ptr,
             stride_qm, stride_dom, stride_bm, stride_bn, offs_m, offs_n, offs_d, offs_dv, mask_d, mask_dv,
             begin, end, seqlen_q, seqlen_k, window_left, window_right,
             qk_scale, softcap_scale, softcap_log2,
-            BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, DOT_DTYPE, UPCAST)
+            BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, DOT_DTYPE, UPCAST, COMPUTE_DK, COMPUTE_DV,
+            USE_TMA, WARP_SPECIALIZE)
 
-    dk = dk * softmax_scale
-    dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + head_kv.to(tl.int64) * stride_dkh + key_rows * stride_dkn
-               + offs_d[None, :])
-    dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb + head_kv.to(tl.int64) * stride_dvh + key_rows * stride_dvn
-               + offs_dv[None, :])
-    tl.store(dk_ptrs, to_input_dtype(dk, DOT_DTYPE, UPCAST), mask=key_mask & mask_d[None, :])
-    tl.store(dv_ptrs, to_input_dtype(dv, DOT_DTYPE, UPCAST), mask=key_mask & mask_dv[None, :])
+    if COMPUTE_DK:
+        dk = dk * softmax_scale
+        dk_ptrs = (DK + split.to(tl.int64) * stride_dks + batch.to(tl.int64) * stride_dkb
+                   + head_kv.to(tl.int64) * stride_dkh + key_rows * stride_dkn + offs_d[None, :])
+        _store_gradient(dk_ptrs, dk, key_mask & mask_d[None, :], DK.dtype.element_ty, DOT_DTYPE, UPCAST)
+    if COMPUTE_DV:
+        dv_ptrs = (DV + split.to(tl.int64) * stride_dvs + batch.to(tl.int64) * stride_dvb
+                   + head_kv.to(tl.int64) * stride_dvh + key_rows * stride_dvn + offs_dv[None, :])
+        _store_gradient(dv_ptrs, dv, key_mask & mask_dv[None, :], DV.dtype.element_ty, DOT_DTYPE, UPCAST)
+
+
+@triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dks, stride_dkb, stride_dkh, stride_dkn,
+    stride_dvs, stride_dvb, stride_dvh, stride_dvn,
+    num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+    softmax_scale, qk_scale, softcap_scale, softcap_log2,
+    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs, head_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+):
+    """Grid ``(cdiv(Sk, BLOCK_N) * batch_heads,)`` with ``batch_heads = B * Hkv * head_splits``, or with
+    ``PERSISTENT`` ``(num_programs,)`` walking those tiles heaviest first. Each program sums over its query
+    heads in a fixed order, so grouped-query gradients need no atomics either."""
+    num_blocks = tl.cdiv(seqlen_k, BLOCK_N)
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), num_blocks * batch_heads, num_programs):
+            block_n, unit = heaviest_first(tile, num_blocks, batch_heads, False)
+            _attn_bwd_dkdv_tile(
+                block_n, unit, Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
+                stride_dks, stride_dkb, stride_dkh, stride_dkn, stride_dvs, stride_dvb, stride_dvh, stride_dvn,
+                num_heads_q, group_size, head_splits, seqlen_q, seqlen_k, window_left, window_right,
+                softmax_scale, qk_scale, softcap_scale, softcap_log2,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+                ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, COMPUTE_DK, COMPUTE_DV)
+    else:
+        block_n, unit = block_and_head(num_blocks)
+        _attn_bwd_dkdv_tile(
+            block_n, unit, Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
+            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
+            stride_dks, stride_dkb, stride_dkh, stride_dkn, stride_dvs, stride_dvb, stride_dvh, stride_dvn,
+            num_heads_q, group_size, head_splits, seqlen_q, seqlen_k, window_left, window_right,
+            softmax_scale, qk_scale, softcap_scale, softcap_log2,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+            ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, COMPUTE_DK, COMPUTE_DV)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta,
-    k_ptrs, v_ptrs, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
+    k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
     offs_m, offs_n, mask_d, mask_dv,
     start_n, end_n, seqlen_q, seqlen_k, window_left, window_right,
     qk_scale, softcap_scale, softcap_log2,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """Accumulate ``dQ += dS K`` over keys ``[start_n, end_n)`` (scale applied after the loop)."""
     k_ptrs += start_n.to(tl.int64) * stride_kn
     v_ptrs += start_n.to(tl.int64) * stride_vn
-    for block_start in range(start_n, end_n, BLOCK_N):
+    for block_start in tl.range(start_n, end_n, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = block_start + offs_n
-        if MASKED:
+        if USE_TMA:
+            k = k_desc.load([block_start, 0])
+            v = v_desc.load([block_start, 0])
+        elif MASKED:
             k = tl.load(k_ptrs, mask=(cols[:, None] < seqlen_k) & mask_d[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & mask_dv[None, :], other=0.0)
         else:
@@ -230,8 +324,9 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
-def _attn_bwd_dq_kernel(
+@triton.jit
+def _attn_bwd_dq_tile(
+    block_m, batch_head,
     Q, K, V, Bias, DOut, LSE, Delta, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -241,17 +336,15 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
     softmax_scale, qk_scale, softcap_scale, softcap_log2,
-    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``."""
+    """dQ rows ``[block_m * BLOCK_M, (block_m + 1) * BLOCK_M)`` of one (batch, query head)."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
-    block_m, batch_head = block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
     start_m = block_m * BLOCK_M
     batch = batch_head // num_heads_q
     head = batch_head % num_heads_q
@@ -266,20 +359,34 @@ def _attn_bwd_dq_kernel(
     rows = offs_m[:, None].to(tl.int64)
     row_mask = offs_m < seqlen_q
 
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + rows * stride_qm
-                + offs_d[None, :], mask=row_mask[:, None] & mask_d[None, :], other=0.0)
-    do = tl.load(DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + rows * stride_dom
-                 + offs_dv[None, :], mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
+    q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    do_head = DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    k_head = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
+    v_head = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
+    dq_head = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
+    if USE_TMA:
+        q = tl.make_tensor_descriptor(q_head, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
+        do = tl.make_tensor_descriptor(do_head, shape=[seqlen_q, HEAD_DIM_V], strides=[stride_dom, 1],
+                                       block_shape=[BLOCK_M, BLOCK_DV]).load([start_m, 0])
+        k_desc = tl.make_tensor_descriptor(k_head, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_head, shape=[seqlen_k, HEAD_DIM_V], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
+    else:
+        q = tl.load(q_head + rows * stride_qm + offs_d[None, :], mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+        do = tl.load(do_head + rows * stride_dom + offs_dv[None, :], mask=row_mask[:, None] & mask_dv[None, :],
+                     other=0.0)
+        k_desc = K
+        v_desc = V
     row_stats = batch_head.to(tl.int64) * seqlen_q
     lse2, delta = _load_row_stats(LSE + row_stats, Delta + row_stats, offs_m, row_mask, True)
     q = mma_operand(q, DOT_DTYPE, UPCAST)
     do = mma_operand(do, DOT_DTYPE, UPCAST)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
 
-    k_ptrs = (K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-              + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :])
-    v_ptrs = (V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
-              + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :])
+    k_ptrs = k_head + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+    v_ptrs = v_head + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :]
     bias_ptr = Bias + batch.to(tl.int64) * stride_bb + head.to(tl.int64) * stride_bh
     begin, full_begin, full_end, end = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                                  BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
@@ -294,14 +401,71 @@ def _attn_bwd_dq_kernel(
             stage_begin = tl.maximum(full_begin, full_end)
             stage_end = end
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
-            offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn,
+            stride_bm, stride_bn, offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
             window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            BLOCK_N, stage != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+            BLOCK_N, stage != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, PAD_D, PAD_DV, DOT_DTYPE, UPCAST,
+            USE_TMA, WARP_SPECIALIZE)
 
-    dq = dq * softmax_scale
-    tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + rows * stride_dqm
-             + offs_d[None, :], to_input_dtype(dq, DOT_DTYPE, UPCAST), mask=row_mask[:, None] & mask_d[None, :])
+    dq = to_input_dtype(dq * softmax_scale, DOT_DTYPE, UPCAST)
+    if USE_TMA:
+        tl.make_tensor_descriptor(dq_head, shape=[seqlen_q, HEAD_DIM], strides=[stride_dqm, 1],
+                                  block_shape=[BLOCK_M, BLOCK_D]).store([start_m, 0], dq)
+    else:
+        tl.store(dq_head + rows * stride_dqm + offs_d[None, :], dq, mask=row_mask[:, None] & mask_d[None, :])
+
+
+@triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
+def _attn_bwd_dq_kernel(
+    Q, K, V, Bias, DOut, LSE, Delta, DQ,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+    softmax_scale, qk_scale, softcap_scale, softcap_log2,
+    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, or with ``PERSISTENT`` ``(num_programs,)`` walking the tiles
+    heaviest first (``batch_heads = B * Hq``)."""
+    num_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), num_blocks * batch_heads, num_programs):
+            block_m, batch_head = heaviest_first(tile, num_blocks, batch_heads, True)
+            _attn_bwd_dq_tile(
+                block_m, batch_head, Q, K, V, Bias, DOut, LSE, Delta, DQ,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
+                stride_dqb, stride_dqh, stride_dqm,
+                num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+                softmax_scale, qk_scale, softcap_scale, softcap_log2,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+                ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE)
+    else:
+        block_m, batch_head = block_and_head(num_blocks)
+        _attn_bwd_dq_tile(
+            block_m, batch_head, Q, K, V, Bias, DOut, LSE, Delta, DQ,
+            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
+            stride_dqb, stride_dqh, stride_dqm,
+            num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+            softmax_scale, qk_scale, softcap_scale, softcap_log2,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+            ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE)
+
+
+def dkdv_parts(config: configs.KernelConfig | None) -> list[dict]:
+    """The launches of the dK/dV kernel for ``config``, as the constexprs that differ between them: one
+    launch computing both, or (``split_dkdv``) dV first, then dK, each holding a single accumulator."""
+    if config is not None and config.split_dkdv:
+        return [dict(COMPUTE_DK=False, COMPUTE_DV=True), dict(COMPUTE_DK=True, COMPUTE_DV=False)]
+    return [dict(COMPUTE_DK=True, COMPUTE_DV=True)]
 
 
 _attn_bwd_dkdv_kernel_tuned = configs.autotune("backward_dkdv", _attn_bwd_dkdv_kernel)
@@ -352,27 +516,40 @@ def attention_backward(
     )
     runtime = options.runtime_arguments(q, k)
     selection = options.selection_arguments(q, k, v)
+    device_index = selection[-1]
     if seqlen_k > 0:
-        def dkdv_grid(meta):
-            return (triton.cdiv(seqlen_k, meta["BLOCK_N"]) * batch * heads_kv,)
-
-        kernel, _, launch = configs.launch(
+        kernel, config, launch = configs.launch(
             "backward_dkdv", _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_kernel_tuned, *selection)
-        kernel[dkdv_grid](
-            q, k, v, bias, dout, lse, delta, dk, dv, *input_strides,
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            *runtime, **constexprs, **launch,
-        )
+        splits = 1
+        if config is not None:
+            splits = configs.gqa_head_splits(
+                triton.cdiv(seqlen_k, config.block_n) * batch * heads_kv, heads_q // heads_kv, device_index)
+        if splits > 1:
+            # Each share of a group writes float32 partial sums; they are added in share order below.
+            dk_out = torch.empty((splits, *dk.shape), dtype=torch.float32, device=q.device)
+            dv_out = torch.empty((splits, *dv.shape), dtype=torch.float32, device=q.device)
+            split_strides = (*dk_out.stride()[:4], *dv_out.stride()[:4])
+        else:
+            dk_out, dv_out = dk, dv
+            split_strides = (0, *dk.stride()[:3], 0, *dv.stride()[:3])
+        grid, programs, launch = configs.grid_and_arguments(
+            config, launch, seqlen_k, batch * heads_kv * splits, "BLOCK_N", (q, k, v, dout), device_index)
+        for part in dkdv_parts(config):
+            kernel[grid](
+                q, k, v, bias, dout, lse, delta, dk_out, dv_out, *input_strides, *split_strides,
+                *runtime, *programs, splits, **constexprs, **launch, **part,
+            )
+        if splits > 1:
+            dk.copy_(dk_out.sum(0))
+            dv.copy_(dv_out.sum(0))
     if seqlen_q > 0:
-        def dq_grid(meta):
-            return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * heads_q,)
-
-        kernel, _, launch = configs.launch(
+        kernel, config, launch = configs.launch(
             "backward_dq", _attn_bwd_dq_kernel, _attn_bwd_dq_kernel_tuned, *selection)
-        kernel[dq_grid](
+        grid, programs, launch = configs.grid_and_arguments(
+            config, launch, seqlen_q, batch * heads_q, "BLOCK_M", (q, k, v, dout, dq), device_index)
+        kernel[grid](
             q, k, v, bias, dout, lse, delta, dq, *input_strides,
             dq.stride(0), dq.stride(1), dq.stride(2),
-            *runtime, **constexprs, **launch,
+            *runtime, *programs, **constexprs, **launch,
         )
     return dq, dk, dv

@@ -9,6 +9,9 @@ are never visited.
 import triton
 import triton.language as tl
 
+from triton.language.extra import libdevice
+
+from flash_softmax._backend import INTERPRETED
 from flash_softmax._triton_helpers import round_to_bfloat16
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
@@ -16,6 +19,9 @@ LN2 = 0.6931471805599453  # ln(2): converts a base-2 logsumexp back to the natur
 # The same constants for use inside kernels (a jitted function may only read constexpr globals).
 LOG2E_CONSTEXPR = tl.constexpr(LOG2E)
 LN2_CONSTEXPR = tl.constexpr(LN2)
+# Compiled kernels take tanh from libdevice (one fast, correctly rounded-to-an-ulp routine); Triton's
+# interpreter has no libdevice, so it runs the portable formula of ``tanh`` below.
+LIBDEVICE_TANH = tl.constexpr(not INTERPRETED)
 
 
 @triton.jit
@@ -49,6 +55,21 @@ def block_and_head(num_blocks):
     """
     pid = tl.program_id(0)
     return pid % num_blocks, pid // num_blocks
+
+
+@triton.jit
+def heaviest_first(tile, num_blocks, batch_heads, LAST_BLOCK_HEAVIEST: tl.constexpr):
+    """``(block index, batch * head index)`` of tile number ``tile`` of a persistent grid.
+
+    Tiles are numbered so that a program walking ``pid, pid + num_programs, ...`` meets the costliest
+    first: block-major, each block across all heads at once, starting from the block with the most work.
+    Under a bottom-right causal band that is the last query block (``LAST_BLOCK_HEAVIEST``: forward, dQ)
+    or the first key block (dK/dV). Unbanded, every block costs the same and the order is harmless.
+    """
+    block = tile // batch_heads
+    if LAST_BLOCK_HEAVIEST:
+        block = num_blocks - 1 - block
+    return block, tile % batch_heads
 
 
 @triton.jit
@@ -117,8 +138,11 @@ def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
 
 @triton.jit
 def tanh(x):
-    """tanh from exp2 (the interpreter has no libdevice), accurate in float64 too: the odd Taylor polynomial
-    through x**15 below 0.25, where ``(1 - e) / (1 + e)`` would cancel, and that form elsewhere."""
+    """tanh: libdevice's when compiled; under the interpreter from exp2, accurate in float64 too: the odd
+    Taylor polynomial through x**15 below 0.25, where ``(1 - e) / (1 + e)`` would cancel, and that form
+    elsewhere."""
+    if LIBDEVICE_TANH:
+        return libdevice.tanh(x)
     x2 = x * x
     series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (
         62.0 / 2835.0 + x2 * (-1382.0 / 155925.0 + x2 * (21844.0 / 6081075.0 + x2 * (-929569.0 / 638512875.0))))))))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import triton
 
@@ -171,41 +171,87 @@ def _space(*entries, **variant) -> list[KernelConfig]:
     return [KernelConfig(*entry, **variant) for entry in entries]
 
 
-# The spaces, per kernel and head-dim bucket (the padded head dim: <= 64, 128, 256), as
+#: Architectures with a space of their own: Hopper (wgmma, TMA) and Ampere (mma.sync, cp.async). Other
+#: GPUs use the space of the closest one below them (sm_89 Ada: Ampere's; sm_100 and up: Hopper's).
+ARCHITECTURES = ("sm_90a", "sm_80")
+
+# The spaces, per architecture, kernel and head-dim bucket (the padded head dim: <= 64, 128, 256), as
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) and variants. The first entry of a bucket that fits the
-# device's shared memory is the default. Every entry compiles without register spills for sm_80 and
-# sm_90a in 16-bit dtypes, and on sm_90a to wgmma with tiles of 32 or more along N
+# device's shared memory is the default. Every entry compiles without register spills for its
+# architecture in 16-bit dtypes, and the Hopper ones to wgmma with tiles of 32 or more along N
 # (`flash-softmax compile-report`, checked in the test suite); notes/perf.md records what was dropped.
-# The variants come after the plain configurations: they have never been timed, and `flash-softmax tune`
-# on a GPU decides whether they win.
-SPACES: dict[str, dict[int, list[KernelConfig]]] = {
-    "forward": {
-        64: _space((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
-        128: _space((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)),
-        256: _space((64, 64, 8, 2), (64, 32, 8, 2)),
+# Hopper's variants come after its plain configurations: they have never been timed, and
+# `flash-softmax tune` on a GPU decides whether they win.
+SPACES: dict[str, dict[str, dict[int, list[KernelConfig]]]] = {
+    "sm_90a": {
+        "forward": {
+            64: _space((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
+            128: _space((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)),
+            256: _space((64, 64, 8, 2), (64, 32, 8, 2)),
+        },
+        "backward_dkdv": {
+            64: _space((32, 128, 8, 2), (32, 64, 4, 2)),
+            128: _space((32, 128, 8, 2)),
+            # dK and dV accumulators of 128 x 256 floats do not fit one program's registers: two passes.
+            256: _space((32, 128, 8, 2), (32, 128, 8, 1), split_dkdv=True),
+        },
+        "backward_dq": {
+            64: _space((128, 64, 8, 2), (64, 64, 4, 2)),
+            128: _space((128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)),
+            256: _space((128, 32, 8, 2)),
+        },
     },
-    "backward_dkdv": {
-        64: _space((32, 128, 8, 2), (32, 64, 4, 2)),
-        128: _space((32, 128, 8, 2)),
-        256: _space((32, 64, 4, 2), split_dkdv=True),
-    },
-    "backward_dq": {
-        64: _space((128, 64, 8, 2), (64, 64, 4, 2)),
-        128: _space((128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)),
-        256: _space((128, 32, 8, 2), (64, 32, 8, 2)),
+    "sm_80": {
+        "forward": {
+            64: _space((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
+            128: _space((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)),
+            256: _space((64, 64, 8, 2), (64, 32, 8, 2)),
+        },
+        "backward_dkdv": {
+            64: _space((32, 64, 4, 3), (32, 64, 8, 2), (32, 128, 8, 2)),
+            128: _space((32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3)),
+            256: _space((32, 32, 8, 2)),
+        },
+        "backward_dq": {
+            64: _space((32, 64, 4, 3), (32, 64, 8, 2), (32, 128, 8, 2)),
+            128: _space((32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3)),
+            256: _space((32, 32, 8, 2)),
+        },
     },
 }
 
 
-def space(kernel: str, head_dim: int, head_dim_v: int) -> list[KernelConfig]:
-    """The configurations of ``kernel``'s space for these head dims (their bucket), default first."""
-    return SPACES[kernel][head_dim_bucket(head_dim, head_dim_v)]
+def device_arch() -> str:
+    """The entry of ``ARCHITECTURES`` whose space the current CUDA device uses (Hopper's without one)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, _ = torch.cuda.get_device_capability()
+            return "sm_90a" if major >= 9 else "sm_80"
+    except Exception:  # pragma: no cover - only reached on unusual drivers
+        pass
+    return "sm_90a"
 
 
-def all_configs(kernel: str) -> list[KernelConfig]:
-    """Every configuration of ``kernel``'s buckets, each once, in order."""
+def _arch(arch: str | None) -> str:
+    if arch is None:
+        return device_arch()
+    if arch not in SPACES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    return arch
+
+
+def space(kernel: str, head_dim: int, head_dim_v: int, arch: str | None = None) -> list[KernelConfig]:
+    """The configurations of ``kernel``'s space for these head dims (their bucket) on ``arch`` (default:
+    the current device's), default first."""
+    return SPACES[_arch(arch)][kernel][head_dim_bucket(head_dim, head_dim_v)]
+
+
+def all_configs(kernel: str, arch: str | None = None) -> list[KernelConfig]:
+    """Every configuration of ``kernel``'s buckets on ``arch``, each once, in order."""
     entries: list[KernelConfig] = []
-    for bucket_entries in SPACES[kernel].values():
+    for bucket_entries in SPACES[_arch(arch)][kernel].values():
         entries += [entry for entry in bucket_entries if entry not in entries]
     return entries
 
@@ -216,24 +262,31 @@ def fits(kernel: str, config: KernelConfig, head_dim: int, head_dim_v: int, elem
     return estimated_shared_memory(kernel, config, head_dim, head_dim_v, element_size) <= shared_limit
 
 
-def prune(kernel: str, head_dim: int, head_dim_v: int, element_size: int, shared_limit: int) -> list[KernelConfig]:
-    """The configurations worth trying: those of the bucket whose tiles fit ``shared_limit`` bytes. Never
-    empty: when none fits, the one with the smallest tiles is kept."""
-    candidates = space(kernel, head_dim, head_dim_v)
+def prune(kernel: str, head_dim: int, head_dim_v: int, element_size: int, shared_limit: int,
+          arch: str | None = None) -> list[KernelConfig]:
+    """The configurations worth trying on ``arch``: those of the bucket whose tiles fit ``shared_limit``
+    bytes. Never empty: when none fits, the one with the smallest tiles is kept."""
+    candidates = space(kernel, head_dim, head_dim_v, arch)
     kept = [c for c in candidates if fits(kernel, c, head_dim, head_dim_v, element_size, shared_limit)]
-    return kept or [min(candidates, key=lambda c: (c.block_m * c.block_n, c.num_stages))]
+    return kept or [small_config(kernel, head_dim, head_dim_v)]
+
+
+def small_config(kernel: str, head_dim: int, head_dim_v: int) -> KernelConfig:
+    """The configuration for what no space entry fits (float32 and float64 at wide heads, small shared
+    memories): 32 x 32 tiles, single-buffered."""
+    wide = head_dim_bucket(head_dim, head_dim_v) > 128
+    return KernelConfig(32, 32, 8 if wide else 4, 1)
 
 
 def default_config(kernel: str, head_dim: int, head_dim_v: int, element_size: int,
-                   shared_limit: int | None = None) -> KernelConfig:
-    """The configuration a launch uses without a table entry: the first of the bucket's space that fits."""
+                   shared_limit: int | None = None, arch: str | None = None) -> KernelConfig:
+    """The configuration a launch uses without a table entry: the first of the bucket's space on ``arch``
+    (default: the current device's) that fits ``shared_limit`` (default: the device's)."""
     limit = _shared_memory_limit() if shared_limit is None else shared_limit
-    candidates = prune(kernel, head_dim, head_dim_v, element_size, limit)
     if element_size >= 8:
-        # float64 (gradient checks): the smallest plain tiles; the spaces are only checked for 16-bit dtypes.
-        return replace(min(candidates, key=lambda c: c.block_m * c.block_n), tma=False, warp_specialize=False,
-                       persistent=False)
-    return candidates[0]
+        # float64 (gradient checks): small plain tiles; the spaces are only checked for 16-bit dtypes.
+        return small_config(kernel, head_dim, head_dim_v)
+    return prune(kernel, head_dim, head_dim_v, element_size, limit, arch)[0]
 
 
 def interpreter_config(kernel: str) -> KernelConfig:
@@ -320,11 +373,19 @@ def _pruner(kernel: str):
         ``named_args`` and the keyword ones in ``kwargs``; the launchers pass HEAD_DIM by keyword."""
         arguments = {**named_args, **kwargs}
         head_dim, head_dim_v = arguments["HEAD_DIM"], arguments["HEAD_DIM_V"]
-        wanted = set(prune(kernel, head_dim, head_dim_v, arguments["Q"].element_size(), _shared_memory_limit()))
+        wanted = set(prune(kernel, head_dim, head_dim_v, arguments["Q"].element_size(), _shared_memory_limit(),
+                           device_arch()))
+        if not tma_layout_ok(*(arguments[name] for name in TMA_OPERANDS[kernel])):
+            wanted = {c for c in wanted if not c.tma}
         kept = [c for c in configs if _from_triton(c) in wanted]
         return kept or configs[:1]
 
     return prune_hook
+
+
+#: The kernel arguments each kernel reads through tensor descriptors when ``tma`` is on.
+TMA_OPERANDS = {"forward": ("Q", "K", "V", "Out"), "backward_dkdv": ("Q", "K", "V", "DOut"),
+                "backward_dq": ("Q", "K", "V", "DOut", "DQ")}
 
 
 def _from_triton(config: triton.Config) -> KernelConfig:
@@ -341,7 +402,7 @@ def autotune(kernel: str, jit_function):
     if INTERPRETED:
         candidates = [interpreter_config(kernel)]
     else:
-        candidates = [c for c in all_configs(kernel) if not c.split_dkdv and not c.persistent]
+        candidates = [c for c in all_configs(kernel, device_arch()) if not c.split_dkdv and not c.persistent]
     return triton.autotune(
         configs=[c.as_triton_config() for c in candidates], key=AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": _pruner(kernel)},
@@ -359,6 +420,105 @@ def launch(kernel: str, plain, tuned, dtype_name: str, element_size: int, head_d
     return plain, config, config.launch_options()
 
 
+# --- what a configuration needs of the launch ----------------------------------------------------------
+
+#: Bytes a tensor descriptor's base address and row strides must be multiples of.
+TMA_ALIGNMENT = 16
+
+
+def tma_layout_ok(*tensors) -> bool:
+    """Whether every ``(..., rows, head dim)`` tensor can be read through tensor descriptors: 16-byte
+    aligned start and every stride but the last (which is 1) a multiple of 16 bytes, so that the start of
+    each head's matrix and each of its rows is aligned too."""
+    for tensor in tensors:
+        size = tensor.element_size()
+        if tensor.data_ptr() % TMA_ALIGNMENT or tensor.stride(-1) != 1:
+            return False
+        if any((stride * size) % TMA_ALIGNMENT for stride in tensor.stride()[:-1]):
+            return False
+    return True
+
+
+_sm_counts: dict[int, int] = {}
+#: The SM count the interpreter acts as if it had. Persistent grids and grouped-query head splits depend
+#: on it, results never do; tests vary it to reach those paths on small shapes.
+INTERPRETER_SM_COUNT = 3
+
+
+def sm_count(device_index: int = 0) -> int:
+    """Streaming multiprocessors of the device (``INTERPRETER_SM_COUNT`` under the interpreter), cached."""
+    if INTERPRETED:
+        return INTERPRETER_SM_COUNT
+    count = _sm_counts.get(device_index)
+    if count is None:
+        import torch
+
+        count = _sm_counts[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return count
+
+
+def persistent_programs(total_tiles: int, device_index: int = 0) -> int:
+    """Programs of a persistent grid: one per SM (never more than there are tiles)."""
+    return max(1, min(total_tiles, sm_count(device_index)))
+
+
+def gqa_head_splits(key_programs: int, group_size: int, device_index: int = 0) -> int:
+    """Into how many shares the dK/dV kernel splits each group of query heads.
+
+    The kernel gives each (key block, K/V head) to one program, which sums over the group's query heads;
+    with few K/V heads (MQA) or short keys that is fewer programs than SMs (MQA, B=1, S=2k: 32 programs
+    on 132 SMs). Splitting the group into shares, each summed by its own program into a float32 buffer and
+    the shares added in a fixed order afterwards, fills the device and keeps gradients deterministic.
+    """
+    count = sm_count(device_index)
+    if group_size <= 1 or key_programs >= count:
+        return 1
+    return min(group_size, triton.cdiv(count, key_programs))
+
+
+_allocator_installed = False
+
+
+def ensure_descriptor_allocator() -> None:
+    """Tensor descriptors built inside a kernel need global scratch memory, which Triton obtains from the
+    allocator set with ``triton.set_allocator``; install one backed by torch's caching allocator."""
+    global _allocator_installed
+    if _allocator_installed:
+        return
+    import torch
+
+    def allocate(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(allocate)
+    _allocator_installed = True
+
+
+def grid_and_arguments(config: KernelConfig | None, launch_options: dict, rows: int, batch_heads: int,
+                       block_key: str, tensors: tuple, device_index: int = 0):
+    """``(grid, (batch_heads, num_programs), launch options)`` of one launch of a kernel with ``rows`` rows
+    per head (queries for forward and dQ, keys for dK/dV) in blocks of ``block_key`` (``"BLOCK_M"`` or
+    ``"BLOCK_N"``), over ``batch_heads`` heads. Turns TMA off where ``tensors`` (the ones the kernel reads
+    through descriptors) do not allow it; a persistent configuration gets one program per SM."""
+    if config is None:  # autotuning: any candidate may use descriptors
+        if not INTERPRETED:
+            ensure_descriptor_allocator()
+    elif config.tma:
+        if not tma_layout_ok(*tensors):
+            launch_options = {**launch_options, "USE_TMA": False}
+        elif not INTERPRETED:
+            ensure_descriptor_allocator()
+    if config is not None and config.persistent:
+        tiles = triton.cdiv(rows, launch_options[block_key]) * batch_heads
+        programs = persistent_programs(tiles, device_index)
+        return (lambda meta: (programs,)), (batch_heads, programs), launch_options
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta[block_key]) * batch_heads,)
+
+    return grid, (batch_heads, 1), launch_options
+
+
 PREPROCESS_BLOCK_M = _INTERPRETER_BLOCK if INTERPRETED else 64
 
 #: Keys the autotuner separates results by (the seqlen ones are bucketed by the launchers).
@@ -368,4 +528,5 @@ AUTOTUNE_KEY = [
 ]
 #: Size arguments that may equal 1: Triton would otherwise turn them into compile-time constants,
 #: recompiling per value and breaking code that treats them as runtime integers.
-RUNTIME_SIZES = ["num_heads_q", "group_size", "seqlen_q", "seqlen_k"]
+RUNTIME_SIZES = ["num_heads_q", "group_size", "seqlen_q", "seqlen_k", "batch_heads", "num_programs",
+                 "head_splits"]

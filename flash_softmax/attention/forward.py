@@ -3,8 +3,9 @@
 One program owns BLOCK_M query rows of one (batch, query head). It loads its Q tile once, walks the
 K/V tiles of the matching key/value head, and keeps per row the running max ``m`` and running sum ``l``
 of ``exp2(s - m)`` (scores in base 2: log2(e) is folded into the scale) next to a float32 accumulator
-that is rescaled whenever the max grows. At the end it writes ``O = acc / l`` and the natural-log
-``lse = (m + log2 l) * ln 2`` that the backward uses to recompute P.
+that is rescaled whenever the max grows. At the end it writes ``O = acc / l`` and the base-2
+``lse = m + log2 l`` that the backward uses to recompute P (the public functions convert it to the natural
+log).
 
 Key blocks outside the causal / sliding-window band are never visited; blocks wholly inside it skip
 the mask; only blocks that cross its edges or the end of the sequence pay for it.
@@ -18,8 +19,8 @@ import triton.language as tl
 
 from flash_softmax.attention import configs
 from flash_softmax.attention.common import (
-    LN2_CONSTEXPR,
     block_and_head,
+    heaviest_first,
     key_range,
     load_tile,
     mma_operand,
@@ -32,20 +33,28 @@ from flash_softmax.attention.options import KernelOptions
 @triton.jit
 def _attn_fwd_inner(
     acc, m_i, l_i, q,
-    k_ptrs, v_ptrs, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
+    k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
     offs_m, offs_n, mask_d, mask_dv,
     start_n, end_n, seqlen_q, seqlen_k, window_left, window_right,
     qk_scale, softcap_scale, softcap_log2,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """Fold keys ``[start_n, end_n)`` into ``(acc, m_i, l_i)``; ``MASKED`` blocks apply bounds and the band."""
+    """Fold keys ``[start_n, end_n)`` into ``(acc, m_i, l_i)``; ``MASKED`` blocks apply bounds and the band.
+
+    K/V tiles come from pointer tiles (``k_ptrs``: ``BLOCK_D x BLOCK_N``, ``v_ptrs``: ``BLOCK_N x BLOCK_DV``,
+    at key 0) or, with ``USE_TMA``, from tensor descriptors, which fill rows past the end with zeros.
+    """
     k_ptrs += start_n.to(tl.int64) * stride_kn
     v_ptrs += start_n.to(tl.int64) * stride_vn
-    for block_start in range(start_n, end_n, BLOCK_N):
+    for block_start in tl.range(start_n, end_n, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = block_start + offs_n
-        if MASKED:
+        if USE_TMA:
+            k = tl.trans(k_desc.load([block_start, 0]))
+            v = v_desc.load([block_start, 0])
+        elif MASKED:
             k = tl.load(k_ptrs, mask=(cols[None, :] < seqlen_k) & mask_d[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & mask_dv[None, :], other=0.0)
         else:
@@ -70,8 +79,9 @@ def _attn_fwd_inner(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
-def _attn_fwd_kernel(
+@triton.jit
+def _attn_fwd_tile(
+    block_m, batch_head,
     Q, K, V, Bias, Out, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -79,19 +89,16 @@ def _attn_fwd_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ob, stride_oh, stride_om,
     num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
-    softmax_scale, qk_scale, softcap_scale, softcap_log2,
-    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET,
+    qk_scale, softcap_scale, softcap_log2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``. Last dims of Q/K/V/Out are contiguous; every other stride
-    is passed, and the bias's broadcast dims have stride 0."""
+    """Output rows ``[block_m * BLOCK_M, (block_m + 1) * BLOCK_M)`` of one (batch, query head)."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
-    block_m, batch_head = block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
     start_m = block_m * BLOCK_M
     batch = batch_head // num_heads_q
     head = batch_head % num_heads_q
@@ -105,15 +112,28 @@ def _attn_fwd_kernel(
     mask_dv = offs_dv < HEAD_DIM_V
 
     # 64-bit offsets: B * H * S * D may exceed 2**31 elements.
-    q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
-    k_ptrs = (K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-              + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None])
-    v_ptrs = (V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
-              + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :])
+    q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_head = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
+    v_head = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
+    o_head = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    k_ptrs = k_head + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
+    v_ptrs = v_head + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :]
     bias_ptr = Bias + batch.to(tl.int64) * stride_bb + head.to(tl.int64) * stride_bh
-
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & mask_d[None, :], other=0.0)
+    if USE_TMA:
+        # One (rows, head dim) matrix per head; the hardware zero-fills what lies past its edges, so the
+        # tiles need no bounds masks (the band and the key count are still masked on the scores).
+        q_desc = tl.make_tensor_descriptor(q_head, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(k_head, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_head, shape=[seqlen_k, HEAD_DIM_V], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
+        q = q_desc.load([start_m, 0])
+    else:
+        k_desc = K
+        v_desc = V
+        q_ptrs = q_head + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & mask_d[None, :], other=0.0)
     q = mma_operand(q, DOT_DTYPE, UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
@@ -134,25 +154,75 @@ def _attn_fwd_kernel(
             stage_begin = tl.maximum(full_begin, full_end)
             stage_end = end
         acc, m_i, l_i = _attn_fwd_inner(
-            acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
             offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
             window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            BLOCK_N, stage != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, PAD_D, PAD_DV, DOT_DTYPE, UPCAST)
+            BLOCK_N, stage != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, PAD_D, PAD_DV, DOT_DTYPE, UPCAST,
+            USE_TMA, WARP_SPECIALIZE)
 
     # A row that saw no key has l = 0: its output is 0 and its lse -inf, never NaN.
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2_CONSTEXPR)
+    out = to_input_dtype(acc / l_safe[:, None], DOT_DTYPE, UPCAST)
+    # Base 2, as the scores are: backward recomputes exp2(s - lse) from the same float32 values, with no
+    # ln 2 round trip (the API converts to the natural log once).
+    lse = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
     # A +inf score makes l NaN (inf - inf); logsumexp is +inf there, and backward then keeps P finite
     # wherever the reference does.
     lse = tl.where(m_i == float("inf"), float("inf"), lse)
 
     row_ok = offs_m < seqlen_q
-    o_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :])
-    tl.store(o_ptrs, to_input_dtype(out, DOT_DTYPE, UPCAST), mask=row_ok[:, None] & mask_dv[None, :])
+    if USE_TMA:
+        o_desc = tl.make_tensor_descriptor(o_head, shape=[seqlen_q, HEAD_DIM_V], strides=[stride_om, 1],
+                                           block_shape=[BLOCK_M, BLOCK_DV])
+        o_desc.store([start_m, 0], out)
+    else:
+        o_ptrs = o_head + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
+        tl.store(o_ptrs, out, mask=row_ok[:, None] & mask_dv[None, :])
     tl.store(LSE + batch_head.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
+def _attn_fwd_kernel(
+    Q, K, V, Bias, Out, LSE,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_ob, stride_oh, stride_om,
+    num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+    softmax_scale, qk_scale, softcap_scale, softcap_log2,
+    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, or with ``PERSISTENT`` ``(num_programs,)``, each program then
+    walking tiles ``pid, pid + num_programs, ...`` heaviest first (``batch_heads = B * Hq``). Last dims of
+    Q/K/V/Out are contiguous; every other stride is passed, and the bias's broadcast dims have stride 0."""
+    num_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), num_blocks * batch_heads, num_programs):
+            block_m, batch_head = heaviest_first(tile, num_blocks, batch_heads, True)
+            _attn_fwd_tile(
+                block_m, batch_head, Q, K, V, Bias, Out, LSE,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_om,
+                num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, softcap_scale, softcap_log2,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+                ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE)
+    else:
+        block_m, batch_head = block_and_head(num_blocks)
+        _attn_fwd_tile(
+            block_m, batch_head, Q, K, V, Bias, Out, LSE,
+            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_om,
+            num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+            qk_scale, softcap_scale, softcap_log2,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+            ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE)
 
 
 _attn_fwd_kernel_tuned = configs.autotune("forward", _attn_fwd_kernel)
@@ -168,7 +238,7 @@ def attention_forward(
         options: scale, band, softcap and bias, already validated.
 
     Returns:
-        ``out (B, Hq, Sq, Dv)`` in q's dtype, and ``lse (B, Hq, Sq)`` float32 (natural log, -inf for a row
+        ``out (B, Hq, Sq, Dv)`` in q's dtype, and ``lse (B, Hq, Sq)`` float32 (base 2, -inf for a row
         that sees no key).
     """
     batch, heads_q, seqlen_q, _ = q.shape
@@ -177,12 +247,11 @@ def attention_forward(
     if out.numel() == 0:
         return out, lse
 
-    def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * heads_q,)
-
     bias, bias_strides = options.bias_operand(q)
-    kernel, _, launch = configs.launch(
-        "forward", _attn_fwd_kernel, _attn_fwd_kernel_tuned, *options.selection_arguments(q, k, v))
+    selection = options.selection_arguments(q, k, v)
+    kernel, config, launch = configs.launch("forward", _attn_fwd_kernel, _attn_fwd_kernel_tuned, *selection)
+    grid, programs, launch = configs.grid_and_arguments(
+        config, launch, seqlen_q, batch * heads_q, "BLOCK_M", (q, k, v, out), selection[-1])
     kernel[grid](
         q, k, v, bias, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -190,7 +259,7 @@ def attention_forward(
         v.stride(0), v.stride(1), v.stride(2),
         *bias_strides,
         out.stride(0), out.stride(1), out.stride(2),
-        *options.runtime_arguments(q, k),
+        *options.runtime_arguments(q, k), *programs,
         **options.constexprs(q, v), **launch,
     )
     return out, lse

@@ -19,6 +19,7 @@ from flash_softmax.attention.checks import (
     resolve_softmax_scale,
     resolve_window,
 )
+from flash_softmax.attention.common import LN2
 from flash_softmax.attention.ops import attention_forward_op, last_dim_contiguous
 
 
@@ -90,4 +91,6 @@ def flash_attention(
         out, lse = attention_forward_op(
             q, k, v, None if attn_bias is None else attn_bias.detach(), scale, left, right, softcap
         )
+        if return_lse:
+            lse = lse * LN2  # the kernels keep lse in base 2, as their scores are
     return (out, lse) if return_lse else out

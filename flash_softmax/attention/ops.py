@@ -48,7 +48,8 @@ def attention_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor | None,
     softmax_scale: float, window_left: int, window_right: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out (B, Hq, Sq, Dv)`` in q's dtype and ``lse (B, Hq, Sq)`` float32; see ``attention_forward``.
+    """``out (B, Hq, Sq, Dv)`` in q's dtype and ``lse (B, Hq, Sq)`` float32 in base 2 (``log2`` of the row
+    sums of ``exp2`` of the base-2 scores; ``flash_attention`` converts it); see ``attention_forward``.
 
     q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)``, v ``(B, Hkv, Sk, Dv)`` must already be validated
     (``check_attention_inputs``); ``window_left`` / ``window_right`` are -1 for an unbounded side, with
