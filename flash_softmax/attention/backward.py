@@ -155,21 +155,31 @@ def _attn_bwd_dkdv_tile(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+    SPLIT_GROUPS: tl.constexpr,
 ):
     """dK/dV rows ``[block_n * BLOCK_N, (block_n + 1) * BLOCK_N)`` of one (batch, K/V head), summed over the
     query heads of one share of its group. ``unit = (batch * Hkv + head_kv) * head_splits + split``: share
     ``split`` of ``head_splits`` takes consecutive members of the group and writes its partial sums at
-    ``split * stride_dks`` (``head_splits = 1``: the whole group, written straight into dK/dV)."""
+    ``split * stride_dks`` (without ``SPLIT_GROUPS``, ``head_splits = 1``: the whole group, written straight
+    into dK/dV; a compile-time switch, because the share arithmetic costs the registers a 256-wide head
+    does not have)."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     start_n = block_n * BLOCK_N
-    split = unit % head_splits
-    batch_head_kv = unit // head_splits
     num_heads_kv = num_heads_q // group_size
+    if SPLIT_GROUPS:
+        split = unit % head_splits
+        batch_head_kv = unit // head_splits
+        members = tl.cdiv(group_size, head_splits)
+        member_begin = split * members
+        member_end = tl.minimum(member_begin + members, group_size)
+        DK += split.to(tl.int64) * stride_dks
+        DV += split.to(tl.int64) * stride_dvs
+    else:
+        batch_head_kv = unit
+        member_begin = 0
+        member_end = group_size
     batch = batch_head_kv // num_heads_kv
     head_kv = batch_head_kv % num_heads_kv
-    members = tl.cdiv(group_size, head_splits)
-    member_begin = split * members
-    member_end = tl.minimum(member_begin + members, group_size)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -224,11 +234,11 @@ def _attn_bwd_dkdv_tile(
 
     if COMPUTE_DK:
         dk = dk * softmax_scale
-        dk_ptrs = (DK + split.to(tl.int64) * stride_dks + batch.to(tl.int64) * stride_dkb
+        dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb
                    + head_kv.to(tl.int64) * stride_dkh + key_rows * stride_dkn + offs_d[None, :])
         _store_gradient(dk_ptrs, dk, key_mask & mask_d[None, :], DK.dtype.element_ty, DOT_DTYPE, UPCAST)
     if COMPUTE_DV:
-        dv_ptrs = (DV + split.to(tl.int64) * stride_dvs + batch.to(tl.int64) * stride_dvb
+        dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb
                    + head_kv.to(tl.int64) * stride_dvh + key_rows * stride_dvn + offs_dv[None, :])
         _store_gradient(dv_ptrs, dv, key_mask & mask_dv[None, :], DV.dtype.element_ty, DOT_DTYPE, UPCAST)
 
@@ -250,7 +260,7 @@ def _attn_bwd_dkdv_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
-    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, SPLIT_GROUPS: tl.constexpr,
 ):
     """Grid ``(cdiv(Sk, BLOCK_N) * batch_heads,)`` with ``batch_heads = B * Hkv * head_splits``, or with
     ``PERSISTENT`` ``(num_programs,)`` walking those tiles heaviest first. Each program sums over its query
@@ -267,7 +277,7 @@ def _attn_bwd_dkdv_kernel(
                 num_heads_q, group_size, head_splits, seqlen_q, seqlen_k, window_left, window_right,
                 softmax_scale, qk_scale, softcap_scale, softcap_log2,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-                ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, COMPUTE_DK, COMPUTE_DV)
+                ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, COMPUTE_DK, COMPUTE_DV, SPLIT_GROUPS)
     else:
         block_n, unit = block_and_head(num_blocks)
         _attn_bwd_dkdv_tile(
@@ -278,7 +288,7 @@ def _attn_bwd_dkdv_kernel(
             num_heads_q, group_size, head_splits, seqlen_q, seqlen_k, window_left, window_right,
             softmax_scale, qk_scale, softcap_scale, softcap_log2,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-            ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, COMPUTE_DK, COMPUTE_DV)
+            ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, COMPUTE_DK, COMPUTE_DV, SPLIT_GROUPS)
 
 
 @triton.jit
@@ -537,7 +547,7 @@ def attention_backward(
         for part in dkdv_parts(config):
             kernel[grid](
                 q, k, v, bias, dout, lse, delta, dk_out, dv_out, *input_strides, *split_strides,
-                *runtime, *programs, splits, **constexprs, **launch, **part,
+                *runtime, *programs, splits, **constexprs, **launch, **part, SPLIT_GROUPS=splits > 1,
             )
         if splits > 1:
             dk.copy_(dk_out.sum(0))

@@ -171,6 +171,16 @@ def _space(*entries, **variant) -> list[KernelConfig]:
     return [KernelConfig(*entry, **variant) for entry in entries]
 
 
+def _hopper_variants(*entry, kinds=("tma", "persistent", "ws"), **variant) -> list[KernelConfig]:
+    """The Hopper variants of one tile shape, among ``tma`` (TMA loads), ``persistent`` (TMA with a
+    persistent grid) and ``ws`` (TMA with a warp-specialised loop). Where a kernel leaves one out, it
+    spills or overflows shared memory (notes/perf.md). Triton 3.6's Hopper warp-specialisation pass
+    aborts the compiler on these loops at 4 warps, so the variants keep the 8-warp shapes."""
+    flags = {"tma": dict(tma=True), "persistent": dict(tma=True, persistent=True),
+             "ws": dict(tma=True, warp_specialize=True)}
+    return [KernelConfig(*entry, **flags[kind], **variant) for kind in kinds]
+
+
 #: Architectures with a space of their own: Hopper (wgmma, TMA) and Ampere (mma.sync, cp.async). Other
 #: GPUs use the space of the closest one below them (sm_89 Ada: Ampere's; sm_100 and up: Hopper's).
 ARCHITECTURES = ("sm_90a", "sm_80")
@@ -185,20 +195,20 @@ ARCHITECTURES = ("sm_90a", "sm_80")
 SPACES: dict[str, dict[str, dict[int, list[KernelConfig]]]] = {
     "sm_90a": {
         "forward": {
-            64: _space((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
-            128: _space((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)),
-            256: _space((64, 64, 8, 2), (64, 32, 8, 2)),
+            64: _space((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)) + _hopper_variants(128, 128, 8, 3),
+            128: _space((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)) + _hopper_variants(128, 64, 8, 3),
+            256: _space((64, 64, 8, 2)) + _hopper_variants(64, 64, 8, 2),
         },
         "backward_dkdv": {
-            64: _space((32, 128, 8, 2), (32, 64, 4, 2)),
-            128: _space((32, 128, 8, 2)),
+            64: _space((32, 128, 8, 2), (32, 64, 4, 2)) + _hopper_variants(32, 128, 8, 2),
+            128: _space((32, 128, 8, 2)) + _hopper_variants(32, 128, 8, 2, kinds=("tma", "ws")),
             # dK and dV accumulators of 128 x 256 floats do not fit one program's registers: two passes.
             256: _space((32, 128, 8, 2), (32, 128, 8, 1), split_dkdv=True),
         },
         "backward_dq": {
-            64: _space((128, 64, 8, 2), (64, 64, 4, 2)),
-            128: _space((128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)),
-            256: _space((128, 32, 8, 2)),
+            64: _space((128, 64, 8, 2), (64, 64, 4, 2)) + _hopper_variants(128, 64, 8, 2),
+            128: _space((128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)) + _hopper_variants(128, 32, 8, 2),
+            256: _space((128, 32, 8, 2)) + _hopper_variants(128, 32, 8, 2, kinds=("tma", "ws")),
         },
     },
     "sm_80": {
