@@ -203,7 +203,7 @@ SPACES: dict[str, dict[str, dict[int, list[KernelConfig]]]] = {
             64: _space((32, 128, 8, 2), (32, 64, 4, 2)) + _hopper_variants(32, 128, 8, 2),
             128: _space((32, 128, 8, 2)) + _hopper_variants(32, 128, 8, 2, kinds=("tma", "ws")),
             # dK and dV accumulators of 128 x 256 floats do not fit one program's registers: two passes.
-            256: _space((32, 128, 8, 2), (32, 128, 8, 1), split_dkdv=True),
+            256: _space((32, 128, 8, 2), split_dkdv=True),
         },
         "backward_dq": {
             64: _space((128, 64, 8, 2), (64, 64, 4, 2)) + _hopper_variants(128, 64, 8, 2),
