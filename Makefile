@@ -9,7 +9,7 @@ REQUIREMENTS := torch==2.13.0 triton==3.6.0 "numpy<2.4" einops rich matplotlib p
 # Where `make gpu` writes everything it produces.
 OUT ?= out
 
-.PHONY: setup demo test gpu gpu-test gpu-bench gpu-example clean
+.PHONY: setup demo test gpu gpu-dry-run gpu-test gpu-bench gpu-example clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,17 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# On a machine with a GPU and the packages already installed, everything written under $(OUT):
-# `gpu-test` runs the whole suite compiled on the GPU and the full verify grid, `gpu-bench` the benchmark
-# sweeps (attention and softmax), `gpu-example` the GPT example at full size with both attentions.
-gpu: gpu-test gpu-bench
+# On a machine with a GPU and the packages already installed, everything written under $(OUT).
+# `gpu` is one session's worth, in about 9 minutes on an H100/H200 (scripts/gpu_check.sh: nvidia-smi,
+# info, the suite compiled on the GPU, `flash-softmax tune`, the benchmark sweeps; $(OUT)/summary.txt).
+# `gpu-dry-run` runs the same script at tiny sizes in Triton's interpreter, on any machine.
+# Without a time limit: `gpu-test` runs the whole suite and the full verify grid, `gpu-bench` the default
+# benchmark sweeps (attention and softmax), `gpu-example` the GPT example at full size with both attentions.
+gpu:
+	OUT=$(OUT) PYTHON=$(PYTHON) scripts/gpu_check.sh
+
+gpu-dry-run: setup
+	OUT=$(OUT)/dry-run PYTHON=$(PY) scripts/gpu_check.sh --dry-run
 
 gpu-test:
 	mkdir -p $(OUT)

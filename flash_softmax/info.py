@@ -1,4 +1,5 @@
-"""``flash-softmax info``: versions, the device, and which backend each path will use.
+"""``flash-softmax info``: versions, the device, which backend each path will use, and which attention
+configurations (tuned table, defaults, autotuning) launches on this device get.
 
 The same facts, gathered by :func:`environment`, go into the ``env.json`` of every benchmark run so a
 result can always be traced to the machine and code that produced it. Nothing here records the host name.
@@ -86,6 +87,49 @@ def backends() -> dict[str, str]:
     return {device: backend_for(torch.device(device)) for device in devices}
 
 
+#: Shapes whose configurations ``flash-softmax info`` reports: (dtype, head dim, causal, seqlen).
+REPRESENTATIVE_SHAPES = [("bfloat16", head_dim, causal, 4096) for head_dim in (64, 128) for causal in (False, True)]
+
+
+def autotune_enabled() -> bool:
+    """Whether ``FLASH_SOFTMAX_AUTOTUNE`` (read when the package is imported) switched autotuning on."""
+    from flash_softmax.attention import configs
+
+    return configs.AUTOTUNE
+
+
+def config_table() -> str:
+    """Which tuned table launches on this device use: its path, or ``none: default configurations (why)``."""
+    from flash_softmax.attention import table
+
+    return table.describe_current()
+
+
+def attention_configs(shapes=REPRESENTATIVE_SHAPES) -> list[dict[str, object]]:
+    """Per shape and kernel, the configuration a launch on the current device uses and where it comes from
+    (``configs.select_config``: override, interpreter, table or default; ``autotune`` when the autotuner
+    picks at launch time instead)."""
+    from flash_softmax._backend import INTERPRETED
+    from flash_softmax.attention import configs
+
+    rows = []
+    for dtype, head_dim, causal, seqlen in shapes:
+        element_size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        for kernel in configs.KERNEL_NAMES:
+            row = {"dtype": dtype, "head_dim": head_dim, "causal": causal, "seqlen": seqlen, "kernel": kernel}
+            if configs.AUTOTUNE and not INTERPRETED:
+                row.update(config="chosen by the autotuner at the first launch", source="autotune")
+            else:
+                try:
+                    config, source = configs.select_config(kernel, dtype, element_size, head_dim, head_dim, causal,
+                                                           seqlen, seqlen)
+                    row.update(config=config.label, source=source)
+                except (OSError, ValueError) as error:  # an invalid table: say so rather than fail the report
+                    row.update(config="-", source=f"error: {error}")
+            rows.append(row)
+    return rows
+
+
 def environment(command_line: str | None = None) -> dict[str, object]:
     """Everything ``env.json`` records about a run (no host name)."""
     return {
@@ -95,6 +139,8 @@ def environment(command_line: str | None = None) -> dict[str, object]:
         "platform": platform.platform(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "backends": backends(),
+        "config_table": config_table(),
+        "autotune": autotune_enabled(),
         "git": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line,
@@ -103,10 +149,11 @@ def environment(command_line: str | None = None) -> dict[str, object]:
 
 def run() -> int:
     """Print the report of ``flash-softmax info``; return the exit status (always 0)."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from flash_softmax.bench.output import make_console
+
+    console = make_console()  # wide when written to a file, so paths are not wrapped
     table = Table(title="flash_softmax", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -119,5 +166,15 @@ def run() -> int:
         table.add_row("git commit", commit["commit"] + (" (modified)" if commit["modified"] else ""))
     for device, backend in backends().items():
         table.add_row(f"attention, softmax on {device} tensors", backend)
+    table.add_row("config table", config_table())
+    table.add_row("FLASH_SOFTMAX_AUTOTUNE", "on" if autotune_enabled() else "off")
     console.print(table)
+
+    shapes = Table(title=f"attention configurations on {device_name()}")
+    for column in ("shape", "kernel", "config", "source"):
+        shapes.add_column(column)
+    for row in attention_configs():
+        shape = f"{row['dtype']} D={row['head_dim']} {'causal' if row['causal'] else 'full'} S={row['seqlen']}"
+        shapes.add_row(shape, row["kernel"], row["config"], row["source"])
+    console.print(shapes)
     return 0

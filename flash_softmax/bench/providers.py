@@ -194,12 +194,43 @@ def _torch_log_softmax(config, x):
     return lambda: torch.log_softmax(x, dim=-1)
 
 
+_compiled_softmaxes: dict[bool, Callable] = {}
+
+
+def _compiled_softmax(log: bool) -> Callable:
+    """``torch.softmax`` (or ``log_softmax``) under ``torch.compile``: Inductor's generated kernel, the
+    strongest non-handwritten baseline. Compiled once per process and op (and per shape by dynamo)."""
+    if log not in _compiled_softmaxes:
+        import torch._dynamo
+
+        # Every row length of the sweep is a new graph; past dynamo's default limit of 8 recompilations it
+        # would silently run eagerly, and the timings would be torch's, not Inductor's.
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 1024))
+        function = (lambda x: torch.log_softmax(x, dim=-1)) if log else (lambda x: torch.softmax(x, dim=-1))
+        _compiled_softmaxes[log] = torch.compile(function, dynamic=False)
+    return _compiled_softmaxes[log]
+
+
+def _torch_compile_softmax(config, x):
+    compiled = _compiled_softmax(log=False)
+    return lambda: compiled(x)
+
+
+def _torch_compile_log_softmax(config, x):
+    compiled = _compiled_softmax(log=True)
+    return lambda: compiled(x)
+
+
 #: Softmax providers by name.
 SOFTMAX_PROVIDERS: dict[str, Provider] = {
     provider.name: provider
     for provider in (
         Provider("flash_softmax", _flash_softmax_softmax),
         Provider("torch", _torch_softmax),
+        # Compiling for the CPU needs a C++ toolchain and takes seconds per shape: asked for, not default.
+        Provider("torch_compile", _torch_compile_softmax, on_cpu=False),
     )
 }
 
@@ -209,6 +240,7 @@ LOG_SOFTMAX_PROVIDERS: dict[str, Provider] = {
     for provider in (
         Provider("flash_softmax", _flash_softmax_log_softmax),
         Provider("torch", _torch_log_softmax),
+        Provider("torch_compile", _torch_compile_log_softmax, on_cpu=False),
     )
 }
 
