@@ -25,6 +25,14 @@ def backend_for(device: torch.device) -> str:
     return "torch"
 
 
+#: Reused for every call that needs no device switch: a ``nullcontext`` holds no state.
+_NO_SWITCH = contextlib.nullcontext()
+
+
 def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make ``tensor``'s GPU the current one, on which Triton launches; nothing to do on a CPU."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    """Make ``tensor``'s GPU the current one, on which Triton launches; nothing to do on a CPU, or when it
+    already is the current one (the common case, where entering and leaving ``torch.cuda.device`` would
+    only cost two device exchanges per call)."""
+    if tensor.is_cuda and tensor.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return _NO_SWITCH

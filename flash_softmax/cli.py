@@ -1,4 +1,5 @@
-"""The ``flash-softmax`` command line (SPEC section 5): ``verify``, ``bench``, ``info`` and ``compile-report``.
+"""The ``flash-softmax`` command line (SPEC section 5): ``verify``, ``bench``, ``info``, ``tune`` and
+``compile-report``.
 
 This module only parses arguments; the work lives in :mod:`flash_softmax.verify`,
 :mod:`flash_softmax.bench` and :mod:`flash_softmax.info`. Those are imported lazily, after deciding
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check and benchmark the flash_softmax attention and softmax kernels.",
         epilog="Without a CUDA GPU everything runs in Triton's CPU interpreter, on tiny sizes.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{verify,bench,info,compile-report}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{verify,bench,info,tune,compile-report}")
 
     verify = commands.add_parser(
         "verify",
@@ -124,28 +125,101 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows", type=_positive_int, help="fix the row count (--op softmax / log_softmax)")
     bench.add_argument("--out", metavar="DIR", help="output folder (default benchmarks/results/<device-slug>)")
     bench.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    bench.add_argument("--host-overhead", action="store_true",
+                       help="instead of timing kernels, time the Python work per attention call (fwd, fwd_bwd) "
+                       "on the compiled-GPU path with every kernel launch a no-op; writes host_overhead.csv")
+    bench.add_argument("--calls", type=_positive_int, metavar="N",
+                       help="timed calls per case of --host-overhead (default 2000)")
 
     commands.add_parser("info", help="versions, device and the backend each path uses",
                         description="Print versions, the device, and which backend each path will use.")
 
+    _add_tune_parser(commands)
+
     report = commands.add_parser(
         "compile-report",
-        help="compile every kernel configuration for sm_80/sm_90a (no GPU needed); registers, spills, shared memory",
-        description="Compile each attention kernel's autotune configurations with Triton and its bundled "
-        "ptxas, and print registers, spilled bytes and shared memory per configuration. Exits 1 if a "
-        "configuration kept in the autotune space spills or exceeds the architecture's shared memory.",
+        help="compile every kernel configuration for sm_80/sm_90a (no GPU needed); registers, spills, shared "
+        "memory, wgmma / mma.sync / TMA / cp.async instructions",
+        description="Compile each attention kernel's configurations with Triton, and print per compiled launch "
+        "the registers and spilled bytes (bundled ptxas), the shared memory, and the instruction mix of the SASS "
+        "(bundled cuobjdump): HGMMA (wgmma) with its MxNxK shapes, HMMA (mma.sync), UTMALDG/UTMASTG (TMA) and "
+        "LDGSTS (cp.async). Exits 1 if a configuration kept in a space fails to compile, spills, exceeds the "
+        "architecture's shared memory, or, on sm_90a in a 16-bit dtype, lacks wgmma or is mostly wgmma with "
+        "N <= 16.",
     )
     report.add_argument("--archs", nargs="+", choices=("sm_80", "sm_90a"), default=["sm_80", "sm_90a"])
-    report.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, default=["bfloat16"], metavar="DTYPE")
+    report.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, default=["bfloat16"], metavar="DTYPE",
+                        help="dtypes to compile (default bfloat16)")
     report.add_argument("--head-dims", type=_positive_int, nargs="+", default=[64, 128, 256], metavar="D")
     report.add_argument("--kernels", nargs="+", metavar="NAME",
                         choices=("attention_forward", "attention_backward_dkdv", "attention_backward_dq"),
-                        help="kernels to compile (default: all)")
-    report.add_argument("--causal", type=_boolean, default=True, metavar="BOOL",
-                        help="compile the causal variant (default true)")
-    report.add_argument("--unpruned", action="store_true",
-                        help="report the whole space, including configurations the pruning removes")
+                        help="kernels to compile: attention_forward, attention_backward_dkdv, attention_backward_dq "
+                        "(default: all)")
+    report.add_argument("--causal", type=_boolean, nargs="+", default=[True], metavar="BOOL",
+                        help="causal settings to compile, e.g. --causal false true (default true)")
+    selection = report.add_mutually_exclusive_group()
+    selection.add_argument("--defaults-only", action="store_true",
+                           help="only the default configuration of each kernel and head-dim bucket (the fast check)")
+    selection.add_argument("--unpruned", action="store_true",
+                           help="report the whole space, including configurations the pruning removes")
     return parser
+
+
+def _add_tune_parser(commands) -> None:
+    """``flash-softmax tune``: its defaults live in :mod:`flash_softmax.tune` (imported lazily, see above)."""
+    tune = commands.add_parser(
+        "tune",
+        help="time each attention kernel's configurations on this GPU; write the tuned table",
+        description="For each kernel, dtype, head-dim bucket, causality and length bucket, time every "
+        "configuration of the kernel's space that fits the GPU's shared memory, check the fastest against the "
+        "reference, and write the winners to flash_softmax/configs/<device-slug>.json (or --out). Defaults: "
+        "all three kernels, bfloat16 and float16, head dims 64 128 256, causal false and true, lengths "
+        "1024..16384 at 16k tokens per batch and 2048 hidden.",
+    )
+    tune.add_argument("--kernels", nargs="+", choices=("forward", "backward_dkdv", "backward_dq"), metavar="NAME",
+                      help="kernels to tune: forward, backward_dkdv, backward_dq (default: all)")
+    tune.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, metavar="DTYPE",
+                      help="dtypes to tune (default: bfloat16 float16)")
+    tune.add_argument("--head-dims", type=_positive_int, nargs="+", metavar="D",
+                      help="head dims, one per bucket (default: 64 128 256)")
+    tune.add_argument("--seqlens", type=_positive_int, nargs="+", metavar="N",
+                      help="sequence lengths, one per power-of-two bucket (default: 1024 2048 4096 8192 16384)")
+    tune.add_argument("--causal", type=_boolean, nargs="+", metavar="BOOL",
+                      help="causal settings to tune (default: false true)")
+    tune.add_argument("--budget-seconds", type=_positive_float, default=240.0, metavar="S",
+                      help="stop before the next measurement once S seconds are spent, and write what is done "
+                      "(default 240)")
+    tune.add_argument("--out", metavar="PATH",
+                      help="table file to write, or a folder (ending in /) to write <device-slug>.json in (default "
+                      "flash_softmax/configs/<device-slug>.json); an existing table of the same device is merged into")
+    tune.add_argument("--fresh", action="store_true", help="overwrite an existing table instead of merging")
+    tune.add_argument("--candidates-csv", metavar="PATH", help="also write every candidate's time or failure")
+    tune.add_argument("--warmup-ms", type=_positive_int, default=10, metavar="MS",
+                      help="do_bench warm-up per candidate (default 10)")
+    tune.add_argument("--rep-ms", type=_positive_int, default=50, metavar="MS",
+                      help="do_bench measuring time per candidate (default 50)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    tune.add_argument("--compile-jobs", type=_non_negative_int, metavar="N",
+                      help="processes compiling the candidates before timing (default: half the cores, at most 8; "
+                      "0: compile in the timing process)")
+    tune.add_argument("--dry-run", action="store_true",
+                      help="list every (key, candidate configuration) that would be timed and the count; no GPU needed")
+    tune.add_argument("--arch", choices=("sm_90a", "sm_80"),
+                      help="with --dry-run: the architecture whose spaces to list (default: this device's)")
+    tune.add_argument("--shared-memory", type=_positive_int, metavar="BYTES",
+                      help="with --dry-run: the shared memory to prune for (default: this device's; 232448 on "
+                      "H100/H200)")
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _interpreter_requested() -> bool:
@@ -195,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from flash_softmax import bench
 
             return bench.run(args, on_gpu=on_gpu, command_line=command_line)
+        if args.command == "tune":
+            from flash_softmax import tune
+
+            return tune.run(args, on_gpu=on_gpu, command_line=command_line)
         from flash_softmax import info
 
         return info.run()

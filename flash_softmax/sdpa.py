@@ -113,7 +113,9 @@ def scaled_dot_product_attention(
         enable_gqa: allow ``Hq % Hkv == 0`` (grouped-query attention, K/V heads read in place).
 
     Returns:
-        ``(B, Hq, Sq, Dv)`` in the input dtype, contiguous. A row that sees no key gives 0 with zero
+        ``(B, Hq, Sq, Dv)`` in the input dtype. Where the kernels run it is laid out like query: contiguous
+        for a contiguous query, and for a ``(B, S, H, D)`` tensor seen as ``.transpose(1, 2)`` a
+        ``(B, S, H, Dv)``-contiguous tensor seen the same way. A row that sees no key gives 0 with zero
         gradients, as torch's CPU and math implementations do; torch's fused GPU implementations may
         differ on such rows (NaN).
 

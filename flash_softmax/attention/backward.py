@@ -507,7 +507,7 @@ def attention_backward(
     constexprs = options.constexprs(q, v)
     if seqlen_q > 0:
         block_m = configs.PREPROCESS_BLOCK_M
-        _attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, block_m) * batch * heads_q,)](
+        _attn_bwd_preprocess_kernel[(configs.cdiv(seqlen_q, block_m) * batch * heads_q,)](
             out, dout, delta,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
@@ -533,7 +533,7 @@ def attention_backward(
         splits = 1
         if config is not None:
             splits = configs.gqa_head_splits(
-                triton.cdiv(seqlen_k, config.block_n) * batch * heads_kv, heads_q // heads_kv, device_index)
+                configs.cdiv(seqlen_k, config.block_n) * batch * heads_kv, heads_q // heads_kv, device_index)
         if splits > 1:
             # Each share of a group writes float32 partial sums; they are added in share order below.
             dk_out = torch.empty((splits, *dk.shape), dtype=torch.float32, device=q.device)

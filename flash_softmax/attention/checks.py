@@ -23,31 +23,38 @@ def _dtype_names() -> str:
 def check_attention_inputs(q, k, v) -> None:
     """Raise ``TypeError``/``ValueError`` unless q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)``,
     v ``(B, Hkv, Sk, Dv)`` form a valid attention call."""
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if tensor.dim() != 4:
-            raise ValueError(
-                f"{name} must have 4 dims (batch, heads, seqlen, head_dim), got {tensor.dim()} dims "
-                f"with shape {tuple(tensor.shape)}"
-            )
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must have dtype {_dtype_names()}, got {tensor.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
+    # This runs on every call: each group of checks first asks whether all is well in one expression, and
+    # only looks for the argument to name when it is not. Each ``.shape`` builds a torch.Size: read once.
+    tensor = torch.Tensor
+    if not (isinstance(q, tensor) and isinstance(k, tensor) and isinstance(v, tensor)):
+        for name, value in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(value, tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    if not (len(q_shape) == len(k_shape) == len(v_shape) == 4):
+        for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+            if len(shape) != 4:
+                raise ValueError(
+                    f"{name} must have 4 dims (batch, heads, seqlen, head_dim), got {len(shape)} dims "
+                    f"with shape {tuple(shape)}"
+                )
+    dtype = q.dtype
+    if not (dtype == k.dtype == v.dtype and dtype in SUPPORTED_DTYPES):
+        for name, tensor in (("q", q), ("k", k), ("v", v)):
+            if tensor.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"{name} must have dtype {_dtype_names()}, got {tensor.dtype}")
         raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}")
 
-    batch, heads_q, _, head_dim = q.shape
-    if k.shape[0] != batch or v.shape[0] != batch:
+    batch, heads_q, _, head_dim = q_shape
+    if k_shape[0] != batch or v_shape[0] != batch:
         raise ValueError(
-            f"q, k and v must have the same batch size, got q {batch}, k {k.shape[0]}, v {v.shape[0]}"
+            f"q, k and v must have the same batch size, got q {batch}, k {k_shape[0]}, v {v_shape[0]}"
         )
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v must have the same number of heads, got k {k.shape[1]}, v {v.shape[1]}")
-    heads_kv = k.shape[1]
+    heads_kv = k_shape[1]
+    if heads_kv != v_shape[1]:
+        raise ValueError(f"k and v must have the same number of heads, got k {heads_kv}, v {v_shape[1]}")
     if heads_kv == 0 and heads_q != 0:
         raise ValueError(f"k must have at least one head when q has {heads_q}, got 0")
     if heads_kv and heads_q % heads_kv != 0:
@@ -55,13 +62,14 @@ def check_attention_inputs(q, k, v) -> None:
             f"the number of query heads must be a multiple of the key/value heads (Hq % Hkv == 0), "
             f"got q with {heads_q} heads and k/v with {heads_kv}"
         )
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v must have the same sequence length, got k {k.shape[2]}, v {v.shape[2]}")
-    if k.shape[3] != head_dim:
-        raise ValueError(f"q and k must have the same head dim, got q {head_dim}, k {k.shape[3]}")
-    for name, size in (("q and k", head_dim), ("v", v.shape[3])):
-        if not 1 <= size <= MAX_HEAD_DIM:
-            raise ValueError(f"head dim of {name} must be between 1 and {MAX_HEAD_DIM}, got {size}")
+    if k_shape[2] != v_shape[2]:
+        raise ValueError(f"k and v must have the same sequence length, got k {k_shape[2]}, v {v_shape[2]}")
+    if k_shape[3] != head_dim:
+        raise ValueError(f"q and k must have the same head dim, got q {head_dim}, k {k_shape[3]}")
+    if not (1 <= head_dim <= MAX_HEAD_DIM and 1 <= v_shape[3] <= MAX_HEAD_DIM):
+        for name, size in (("q and k", head_dim), ("v", v_shape[3])):
+            if not 1 <= size <= MAX_HEAD_DIM:
+                raise ValueError(f"head dim of {name} must be between 1 and {MAX_HEAD_DIM}, got {size}")
 
 
 def check_flag(name: str, value) -> bool:
@@ -84,6 +92,12 @@ def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
 
 def resolve_window(window_size, causal: bool) -> tuple[int, int]:
     """``(left, right)`` with -1 for unbounded; causal sets ``right = 0`` (SPEC: causal is ``(left, 0)``)."""
+    # The usual call passes a pair of plain ints: accept it without the numbers.Integral checks, whose
+    # abstract-class lookups cost more than the rest of this function.
+    if type(window_size) is tuple and len(window_size) == 2:
+        left, right = window_size
+        if type(left) is int and type(right) is int and left >= -1 and right >= -1:
+            return left, 0 if causal else right
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"window_size must be a (left, right) pair of ints, got {window_size!r}")
     for side, value in zip(("left", "right"), window_size):
@@ -97,6 +111,8 @@ def resolve_window(window_size, causal: bool) -> tuple[int, int]:
 
 def resolve_softcap(softcap) -> float:
     """0 disables the cap; otherwise a finite positive number."""
+    if type(softcap) is float and 0.0 <= softcap < math.inf:  # the usual call, without numbers.Real
+        return softcap
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
     if not math.isfinite(softcap) or softcap < 0:
@@ -104,27 +120,40 @@ def resolve_softcap(softcap) -> float:
     return float(softcap)
 
 
-def expand_attn_bias(attn_bias, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """The bias as a ``(B, Hq, Sq, Sk)`` view: broadcast dims get stride 0, nothing is copied."""
+def check_attn_bias(attn_bias, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Raise unless ``attn_bias`` is None or a bool / floating tensor on q's device that broadcasts to
+    ``(B, Hq, Sq, Sk)``."""
     if attn_bias is None:
-        return None
+        return
     if not isinstance(attn_bias, torch.Tensor):
         raise TypeError(f"attn_bias must be a torch.Tensor or None, got {type(attn_bias).__name__}")
     if attn_bias.dtype != torch.bool and not attn_bias.dtype.is_floating_point:
         raise TypeError(f"attn_bias must be a bool mask or a floating tensor, got {attn_bias.dtype}")
     if attn_bias.device != q.device:
         raise ValueError(f"attn_bias must be on q's device {q.device}, got {attn_bias.device}")
-    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    if attn_bias.dim() > 4 or not _broadcasts_to(attn_bias.shape, target):
+    shape = attn_bias.shape
+    q_shape = q.shape
+    target = (q_shape[0], q_shape[1], q_shape[2], k.shape[2])
+    # Broadcasting to exactly ``target`` (never enlarging it): every trailing dim is 1 or the target's.
+    # Written out rather than through torch.broadcast_shapes, which costs tens of microseconds per call.
+    fits = len(shape) <= 4
+    for size, want in zip(shape[::-1], target[::-1]):
+        fits = fits and (size == 1 or size == want)
+    if not fits:
         raise ValueError(
-            f"attn_bias of shape {tuple(attn_bias.shape)} does not broadcast to (B, Hq, Sq, Sk) = {target}"
+            f"attn_bias of shape {tuple(shape)} does not broadcast to (B, Hq, Sq, Sk) = {target}"
         )
-    return attn_bias.expand(target)
 
 
-def _broadcasts_to(shape, target) -> bool:
-    """Whether ``shape`` broadcasts to exactly ``target`` (never enlarging it)."""
-    try:
-        return tuple(torch.broadcast_shapes(shape, target)) == tuple(target)
-    except RuntimeError:
-        return False
+def broadcast_attn_bias(attn_bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """An already checked (``check_attn_bias``) bias as a ``(B, Hq, Sq, Sk)`` view: broadcast dims get
+    stride 0, nothing is copied and nothing is validated again."""
+    if attn_bias is None:
+        return None
+    return attn_bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def expand_attn_bias(attn_bias, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """``check_attn_bias`` then ``broadcast_attn_bias``: the bias as a ``(B, Hq, Sq, Sk)`` view."""
+    check_attn_bias(attn_bias, q, k)
+    return broadcast_attn_bias(attn_bias, q, k)

@@ -123,14 +123,26 @@ class ConfigKey:
     seqlen_bucket: int
 
 
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for ``n <= 1``). Host-side: ``triton.next_power_of_2`` and
+    ``triton.cdiv`` are Triton ``constexpr_function``s since 3.6, over a microsecond per call, and every
+    launch needs several."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for integers (see ``next_power_of_2`` for why not ``triton.cdiv``)."""
+    return -(-a // b)
+
+
 def padded_head_dim(head_dim: int) -> int:
     """Tile width for a head dim: the next power of two, at least ``MIN_DOT_SIZE`` (the tail is masked)."""
-    return max(MIN_DOT_SIZE, triton.next_power_of_2(head_dim))
+    return max(MIN_DOT_SIZE, next_power_of_2(head_dim))
 
 
 def length_bucket(length: int) -> int:
     """Autotune key for a sequence length: its next power of two (0 stays 0)."""
-    return triton.next_power_of_2(length) if length > 0 else 0
+    return next_power_of_2(length) if length > 0 else 0
 
 
 def table_length_bucket(seqlen_q: int, seqlen_k: int) -> int:
@@ -483,7 +495,7 @@ def gqa_head_splits(key_programs: int, group_size: int, device_index: int = 0) -
     count = sm_count(device_index)
     if group_size <= 1 or key_programs >= count:
         return 1
-    return min(group_size, triton.cdiv(count, key_programs))
+    return min(group_size, cdiv(count, key_programs))
 
 
 _allocator_installed = False
@@ -519,12 +531,12 @@ def grid_and_arguments(config: KernelConfig | None, launch_options: dict, rows: 
         elif not INTERPRETED:
             ensure_descriptor_allocator()
     if config is not None and config.persistent:
-        tiles = triton.cdiv(rows, launch_options[block_key]) * batch_heads
+        tiles = cdiv(rows, launch_options[block_key]) * batch_heads
         programs = persistent_programs(tiles, device_index)
         return (lambda meta: (programs,)), (batch_heads, programs), launch_options
 
     def grid(meta):
-        return (triton.cdiv(rows, meta[block_key]) * batch_heads,)
+        return (cdiv(rows, meta[block_key]) * batch_heads,)
 
     return grid, (batch_heads, 1), launch_options
 

@@ -27,6 +27,7 @@ from flash_softmax.attention.common import (
     score_tile,
     to_input_dtype,
 )
+from flash_softmax.attention.layout import empty_in_layout_of
 from flash_softmax.attention.options import KernelOptions
 
 
@@ -242,7 +243,7 @@ def attention_forward(
         that sees no key).
     """
     batch, heads_q, seqlen_q, _ = q.shape
-    out = torch.empty((batch, heads_q, seqlen_q, v.shape[3]), dtype=q.dtype, device=q.device)
+    out = empty_in_layout_of(q, (batch, heads_q, seqlen_q, v.shape[3]), q.dtype)  # q's (B, H, S) order
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=options.statistics_dtype(q), device=q.device)
     if out.numel() == 0:
         return out, lse

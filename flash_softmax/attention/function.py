@@ -3,6 +3,16 @@
 Calls go one way: ``flash_attention`` (checks, defaults) -> the custom op
 ``torch.ops.flash_softmax.attention_forward`` of ``ops.py``, whose autograd formula calls
 ``attention_backward`` -> the launchers of ``forward.py`` / ``backward.py`` -> the Triton kernels.
+
+Everything is checked here, once; the ops and launchers below trust their arguments.
+
+When a gradient is needed, the op's autograd formula (``ops.setup_context``, ``ops.backward``) is applied
+by ``_Attention``, an ``autograd.Function`` that calls the op with grad mode off, rather than by the op's
+own registration. The formula is the same; what differs is torch's wrapper for ``register_autograd``,
+which on every call rebuilds the op's arguments from its schema (``fill_defaults``, quadratic in the eight
+arguments) and redispatches in Python before reaching an ``autograd.Function`` of its own: about a sixth of
+the host time of a forward call. The op is still what runs, and what ``torch.compile`` records: Dynamo
+traces ``_Attention`` and puts the forward and backward ops in their graphs.
 """
 
 from __future__ import annotations
@@ -11,16 +21,32 @@ import torch
 
 from flash_softmax import reference
 from flash_softmax._backend import backend_for
+from flash_softmax.attention import ops
 from flash_softmax.attention.checks import (
+    broadcast_attn_bias,
     check_attention_inputs,
+    check_attn_bias,
     check_flag,
-    expand_attn_bias,
     resolve_softcap,
     resolve_softmax_scale,
     resolve_window,
 )
 from flash_softmax.attention.common import LN2
 from flash_softmax.attention.ops import attention_forward_op, last_dim_contiguous
+
+
+class _Attention(torch.autograd.Function):
+    """``attention_forward_op`` with the op's own autograd formula, applied without torch's per-call
+    ``register_autograd`` wrapper (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_bias, softmax_scale, window_left, window_right, softcap):
+        inputs = (q, k, v, attn_bias, softmax_scale, window_left, window_right, softcap)
+        output = attention_forward_op(*inputs)
+        ops.setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(ops.backward)
 
 
 def flash_attention(
@@ -63,7 +89,10 @@ def flash_attention(
         return_lse: also return the logsumexp of the final scores.
 
     Returns:
-        ``out (B, Hq, Sq, Dv)`` in the input dtype (float32 accumulation throughout), and with
+        ``out (B, Hq, Sq, Dv)`` in the input dtype (float32 accumulation throughout), laid out in memory
+        like q on the kernels' paths: for q a ``(B, S, H, D)`` tensor seen as ``.transpose(1, 2)``, out
+        is a ``(B, S, H, Dv)``-contiguous tensor seen the same way, so ``out.transpose(1, 2)`` is
+        contiguous and reshaping it to ``(B, S, H * Dv)`` copies nothing. With
         ``return_lse`` also ``lse (B, Hq, Sq)`` float32, natural log. lse carries no gradient.
         A row that sees no key gives output 0, lse -inf and zero gradients.
 
@@ -76,21 +105,24 @@ def flash_attention(
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     left, right = resolve_window(window_size, causal)
     softcap = resolve_softcap(softcap)
-    bias = expand_attn_bias(attn_bias, q, k)
+    if attn_bias is not None:
+        check_attn_bias(attn_bias, q, k)
+        attn_bias = attn_bias.detach()  # it receives no gradient
     if backend_for(q.device) == "torch":
         out, lse = reference.attention(
             q, k, v, softmax_scale=scale, window_size=(left, right), softcap=softcap,
-            attn_bias=None if bias is None else bias.detach(), return_lse=True,
+            attn_bias=broadcast_attn_bias(attn_bias, q, k), return_lse=True,
         )
         lse = lse.detach()
     else:
-        # The op expands the bias itself (see ops.py); the one it gets is the caller's, detached since
-        # it receives no gradient. A last dim with stride != 1 is copied here, once: the autograd graph
-        # then saves the copies the kernels read, and backward needs no second copy.
-        q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-        out, lse = attention_forward_op(
-            q, k, v, None if attn_bias is None else attn_bias.detach(), scale, left, right, softcap
-        )
+        # The op expands the bias itself (see ops.py); the one it gets is the caller's. A last dim with
+        # stride != 1 is copied here, once: the autograd graph then saves the copies the kernels read,
+        # and backward needs no second copy.
+        q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out, lse = _Attention.apply(q, k, v, attn_bias, scale, left, right, softcap)
+        else:
+            out, lse = attention_forward_op(q, k, v, attn_bias, scale, left, right, softcap)
         if return_lse:
             lse = lse * LN2  # the kernels keep lse in base 2, as their scores are
     return (out, lse) if return_lse else out

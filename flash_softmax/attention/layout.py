@@ -24,9 +24,19 @@ def dim_order(like: torch.Tensor) -> tuple[int, int, int]:
 
 def empty_in_layout_of(like: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised ``shape = (B, H, S, last)`` tensor whose first three dims are laid out in memory in
-    the order of ``like``'s (see ``dim_order``), last dim contiguous."""
+    the order of ``like``'s (see ``dim_order``), last dim contiguous.
+
+    The strides are those of a contiguous tensor of the permuted shape, permuted back; the tensor is
+    allocated with them directly rather than as a permuted view, so that it is not a view: autograd
+    forbids in-place changes to a view made inside a custom function, which a caller may well do to an
+    attention output.
+    """
     order = dim_order(like)
-    permuted = [shape[d] for d in order] + [shape[3]]
-    storage = torch.empty(permuted, dtype=dtype, device=like.device)
-    inverse = [order.index(d) for d in range(3)] + [3]
-    return storage.permute(inverse)
+    if order == (0, 1, 2):
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    strides = [0, 0, 0, 1]
+    step = max(shape[3], 1)  # as contiguous strides are computed: an empty dim counts as 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return torch.empty_strided(shape, strides, dtype=dtype, device=like.device)

@@ -15,6 +15,10 @@ from flash_softmax._backend import INTERPRETED
 NO_BIAS, ADDITIVE_BIAS, KEEP_MASK = 0, 1, 2
 
 
+_DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.")
+                for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
 @dataclass(frozen=True)
 class KernelOptions:
     """Everything but the tensors q, k, v that the kernels need.
@@ -62,7 +66,8 @@ class KernelOptions:
         """What ``configs.launch`` chooses a configuration by: dtype name and size, head dims, whether the
         band is causal-like (bounded on the right), the lengths, and the device index."""
         return (
-            str(q.dtype).removeprefix("torch."), q.element_size(), q.shape[3], v.shape[3],
+            _DTYPE_NAMES.get(q.dtype) or str(q.dtype).removeprefix("torch."), q.element_size(),
+            q.shape[3], v.shape[3],
             self.window_right >= 0, q.shape[2], k.shape[2], q.device.index or 0,
         )
 

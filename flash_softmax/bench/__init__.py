@@ -3,8 +3,9 @@
 The sweep itself lives in :mod:`~flash_softmax.bench.attention` and :mod:`~flash_softmax.bench.softmax`
 (configurations and what is timed), :mod:`~flash_softmax.bench.providers` (the implementations),
 :mod:`~flash_softmax.bench.sweep` and :mod:`~flash_softmax.bench.timing` (measuring without stopping on
-failures), and :mod:`~flash_softmax.bench.output` (table, CSV, ``env.json``, plots). This module ties
-them to the command line.
+failures), and :mod:`~flash_softmax.bench.output` (table, CSV, ``env.json``, plots).
+:mod:`~flash_softmax.bench.host_overhead` (``--host-overhead``) times the Python work of one attention call
+with the kernel launches removed instead. This module ties them to the command line.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flash_softmax.bench import attention, output, providers, softmax
+from flash_softmax.bench import attention, host_overhead, output, providers, softmax
 from flash_softmax.bench.sweep import Result, speedups
 from flash_softmax.info import device_name, device_slug, environment
 
@@ -114,12 +115,32 @@ def _write_plots(op: str, records: list[dict[str, object]], out_dir: Path) -> li
     return paths
 
 
+#: Sweep flags that mean nothing to ``--host-overhead`` (which times one fixed attention call per case).
+_NOT_HOST_OVERHEAD_FLAGS = {"providers": "--providers", "gqa": "--gqa", "window": "--window", "cols": "--cols",
+                            "rows": "--rows"}
+
+
+def _run_host_overhead(args: argparse.Namespace, on_gpu: bool) -> int:
+    if args.op != "attention":
+        raise ValueError(f"--host-overhead times attention calls only; it was given --op {args.op}")
+    for attribute, flag in _NOT_HOST_OVERHEAD_FLAGS.items():
+        if getattr(args, attribute) is not None:
+            raise ValueError(f"{flag} does not apply to --host-overhead; it was given {getattr(args, attribute)}")
+    out_dir = Path(args.out) if args.out else default_output_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return host_overhead.run(args, on_gpu=on_gpu, out_dir=out_dir)
+
+
 def run(args: argparse.Namespace, *, on_gpu: bool, command_line: str) -> int:
     """Run ``flash-softmax bench``; return 1 when a flash_softmax measurement raised an error, else 0.
 
     Out-of-memory and unsupported rows of any provider, and errors of the other providers, are reported
     in the table and the CSV but do not change the exit status.
     """
+    if args.host_overhead:
+        return _run_host_overhead(args, on_gpu)
+    if args.calls is not None:
+        raise ValueError(f"--calls applies to --host-overhead only; it was given {args.calls}")
     _reject_flags_of_other_op(args)
     spec = _OPS[args.op]
     module = spec["module"]

@@ -239,4 +239,7 @@ def fs_attention_forward(
         )
     else:
         out = flash_attention(query, key, value, softmax_scale=scale, softcap=softcap, attn_bias=attention_mask)
+    # transformers' attention layers pass query states laid out as (B, S, H, D) (projections viewed and
+    # transposed, rotary embeddings keep that order), so out is (B, S, H, Dv)-contiguous already and this
+    # copies nothing; it copies only a query in another layout, for the contiguous result promised above.
     return out.transpose(1, 2).contiguous(), None
