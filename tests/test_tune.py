@@ -420,11 +420,18 @@ def test_an_interrupted_compile_leaves_no_worker_behind(tmp_path, monkeypatch):
     script.write_text(FAKE_WORKER)
     monkeypatch.setattr(tune, "WORKER_COMMAND", [sys.executable, str(script)])
     pidfile = tmp_path / "pid"
+    # A process started in the background by a non-interactive shell (as CI may start the suite) inherits
+    # SIGINT ignored, and Python then keeps ignoring it: give it Python's own handler for this test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # what `timeout -s INT` sends
     timer.start()
     with pytest.raises(KeyboardInterrupt):
-        tune.precompile([{"kernel": "slow", "pidfile": str(pidfile)}], jobs=1, deadline=tune.time.monotonic() + 60)
-    timer.cancel()
+        try:
+            tune.precompile([{"kernel": "slow", "pidfile": str(pidfile)}], jobs=1,
+                            deadline=tune.time.monotonic() + 60)
+        finally:
+            timer.cancel()
+            signal.signal(signal.SIGINT, previous)
     pid = int(pidfile.read_text())
     for _ in range(50):  # the kill is sent; give the kernel a moment to reap it
         try:
