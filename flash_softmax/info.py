@@ -79,12 +79,64 @@ def versions() -> dict[str, str | None]:
     }
 
 
+def _devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def backends() -> dict[str, str]:
     """Which engine runs attention and softmax for tensors on each device present."""
     from flash_softmax._backend import backend_for
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return {device: backend_for(torch.device(device)) for device in devices}
+    return {device: backend_for(torch.device(device)) for device in _devices()}
+
+
+#: The public entry points and the ops of ``flash_softmax.stats()`` they run, for the report of ``paths``.
+OPS = (
+    ("flash_attention, FlashAttention, MultiheadAttention, fs_attention", "attention_forward"),
+    ("their backward", "attention_backward"),
+    ("scaled_dot_product_attention, patch_sdpa", "scaled_dot_product_attention"),
+    ("softmax, log_softmax, Softmax, LogSoftmax", "softmax_forward"),
+    ("their backward", "softmax_backward"),
+)
+
+
+def _config_source(op: str, backend: str) -> str:
+    """Where the launch configurations of ``op``'s kernels come from on ``backend``."""
+    from flash_softmax.attention import configs
+
+    if backend == "torch":
+        return "-"
+    if op.startswith("softmax"):
+        return "fixed small tiles (interpreter)" if backend == "triton-interpreter" else "by row length (softmax/configs.py)"
+    if backend == "triton-interpreter":
+        return "fixed small tiles (interpreter)"
+    if configs.AUTOTUNE:
+        return "autotune at the first launch of each shape (FLASH_SOFTMAX_AUTOTUNE)"
+    return f"tuned table, else defaults: {config_table()}"
+
+
+def paths() -> list[dict[str, str]]:
+    """For each op and each device present: the path its calls take, why, and the configuration source.
+
+    ``path`` is ``"triton"`` (compiled kernels), ``"triton-interpreter"`` or ``"torch"``, as
+    ``flash_softmax.stats()`` counts them; ``scaled_dot_product_attention`` may still hand a call the
+    kernels cannot serve to torch's function (it warns once, naming why).
+    """
+    from flash_softmax._backend import backend_for, backend_reason
+
+    rows = []
+    for device in _devices():
+        backend = backend_for(torch.device(device))
+        why = backend_reason(torch.device(device))
+        for entry, op in OPS:
+            path, reason = backend, why
+            if backend == "torch" and op.endswith("_backward"):
+                reason = "PyTorch's autograd of the PyTorch path (not counted)"
+            elif op == "scaled_dot_product_attention" and backend != "torch":
+                reason = why + "; what they cannot serve goes to torch's function (warned, counted)"
+            rows.append({"device": device, "op": op, "entry": entry, "path": path, "why": reason,
+                         "configs": _config_source(op, backend)})
+    return rows
 
 
 #: Shapes whose configurations ``flash-softmax info`` reports: (dtype, head dim, causal, seqlen).
@@ -139,6 +191,7 @@ def environment(command_line: str | None = None) -> dict[str, object]:
         "platform": platform.platform(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "backends": backends(),
+        "paths": paths(),
         "config_table": config_table(),
         "autotune": autotune_enabled(),
         "git": git_commit(),
@@ -164,12 +217,20 @@ def run() -> int:
     commit = git_commit()
     if commit is not None:
         table.add_row("git commit", commit["commit"] + (" (modified)" if commit["modified"] else ""))
-    for device, backend in backends().items():
-        table.add_row(f"attention, softmax on {device} tensors", backend)
     table.add_row("config table", config_table())
     table.add_row("FLASH_SOFTMAX_AUTOTUNE", "on" if autotune_enabled() else "off")
     console.print(table)
 
+    routes = Table(title="what runs each op (flash_softmax.stats() counts calls by the same names)")
+    for column in ("device", "op", "entry points", "path", "why", "configs"):
+        routes.add_column(column, overflow="fold")
+    for row in paths():
+        routes.add_row(row["device"], row["op"], row["entry"], row["path"], row["why"], row["configs"])
+    console.print(routes)
+
+    if set(backends().values()) == {"torch"}:
+        console.print("attention configurations: none, no tensor on this machine runs the kernels (see above)")
+        return 0
     shapes = Table(title=f"attention configurations on {device_name()}")
     for column in ("shape", "kernel", "config", "source"):
         shapes.add_column(column)

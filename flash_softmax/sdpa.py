@@ -3,7 +3,12 @@
 ``fs.scaled_dot_product_attention`` is a drop-in for ``torch.nn.functional.scaled_dot_product_attention``
 and ``fs.patch_sdpa()`` routes torch's own name through it, so transformer code that calls SDPA runs
 the kernels unchanged. A call the kernels cannot serve (see ``fallback_reason``) goes to torch's
-function, saved when this module is imported, so its result and its errors are torch's own.
+function, saved when this module is imported, so its result and its errors are torch's own; each such
+call is counted and warns once per reason (``FallbackWarning``, ``flash_softmax.stats()``).
+
+torch's ``CausalBias`` masks (``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``) run
+as the kernels' causal band, top-left or bottom-right aligned; any other tensor subclass with attention
+semantics of its own (its own ``__torch_function__``) goes to torch's function untouched.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import math
 import numbers
 
 import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from flash_softmax._backend import backend_for
+from flash_softmax._backend import backend_for, backend_reason, record, record_fallback
 from flash_softmax.attention.checks import SUPPORTED_DTYPES
 from flash_softmax.attention.configs import MAX_HEAD_DIM
 from flash_softmax.attention.function import flash_attention
@@ -22,6 +28,16 @@ __all__ = ["scaled_dot_product_attention", "patch_sdpa", "sdpa_is_patched", "fal
 
 #: torch's own function, taken before anything here can patch it; every fallback calls this one.
 TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _has_own_torch_function(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a subclass that gives torch functions semantics of its own (``CausalBias``,
+    ``DTensor``...), unlike ``nn.Parameter`` or the fake tensors of tracing, which disable the hook."""
+    kind = type(tensor)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        return False
+    hook = getattr(kind.__torch_function__, "__func__", kind.__torch_function__)
+    return hook is not torch.Tensor.__torch_function__.__func__ and hook is not torch._C._disabled_torch_function_impl
 
 
 def fallback_reason(
@@ -37,6 +53,9 @@ def fallback_reason(
         return "query, key and value are not all tensors"
     if any(t.is_nested or t.layout != torch.strided for t in tensors.values()):
         return "nested or sparse inputs"
+    for name, tensor in (*tensors.items(), ("attn_mask", attn_mask)):
+        if isinstance(tensor, torch.Tensor) and _has_own_torch_function(tensor):
+            return f"{name} is a {type(tensor).__name__}, a tensor subclass with semantics of its own"
     if any(t.dim() != 4 for t in tensors.values()):
         return "inputs are not 4-d (batch, heads, seqlen, head_dim)"
     if query.dtype not in SUPPORTED_DTYPES or not query.dtype == key.dtype == value.dtype:
@@ -44,13 +63,13 @@ def fallback_reason(
     if not query.device == key.device == value.device:
         return "inputs on different devices"
     if backend_for(query.device) == "torch":
-        return f"no Triton backend for {query.device} tensors"
+        return backend_reason(query.device)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
         return f"dropout_p={dropout_p!r}: the kernels have no dropout"
     if not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
         return "is_causal or enable_gqa is not a bool"
     if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)
+        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < scale < math.inf
     ):
         return f"scale={scale!r} is not a finite number"
 
@@ -119,16 +138,23 @@ def scaled_dot_product_attention(
         gradients, as torch's CPU and math implementations do; torch's fused GPU implementations may
         differ on such rows (NaN).
 
+    ``attn_mask`` may be one of torch's ``CausalBias`` masks: ``causal_upper_left(Sq, Sk)`` is ``is_causal``,
+    ``causal_lower_right(Sq, Sk)`` the kernels' bottom-right causal (query ``i`` sees key ``j`` iff
+    ``j <= i + Sk - Sq``); with ``is_causal=True`` it is torch's error, a ``ValueError``.
+
     Calls the kernels cannot serve fall back to torch's function with the same arguments (see
     ``fallback_reason``): dropout, inputs that are not 4-d, float64, head dims above 256, ``attn_mask``
-    with ``is_causal``, a mask that requires grad, devices without a Triton backend, and everything
-    torch rejects, which then raises torch's own error.
+    with ``is_causal``, a mask that requires grad, devices without a Triton backend, tensor subclasses
+    with semantics of their own, and everything torch rejects, which then raises torch's own error.
+    Each fallback warns once per reason (``flash_softmax.FallbackWarning``) and is counted in
+    ``flash_softmax.stats()``.
     """
-    if fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) is not None:
-        return TORCH_SDPA(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-            scale=scale, enable_gqa=enable_gqa,
-        )
+    if isinstance(attn_mask, CausalBias):
+        return _causal_bias_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    reason = fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if reason is not None:
+        return _torch_sdpa(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    record("scaled_dot_product_attention", backend_for(query.device))
     window = (-1, -1)
     if is_causal:
         # The kernels' band is j <= i + (Sk - Sq) + right with right >= 0. With Sk <= Sq, right = Sq - Sk
@@ -139,6 +165,32 @@ def scaled_dot_product_attention(
             key, value = key[:, :, :seqlen_q], value[:, :, :seqlen_q]
         window = (-1, seqlen_q - key.shape[2])
     return flash_attention(query, key, value, softmax_scale=scale, window_size=window, attn_bias=attn_mask)
+
+
+def _torch_sdpa(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """torch's function on the same arguments, counted and warned about as a fallback for ``reason``."""
+    record_fallback("scaled_dot_product_attention", reason, stacklevel=4)
+    return TORCH_SDPA(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+        scale=scale, enable_gqa=enable_gqa,
+    )
+
+
+def _causal_bias_attention(query, key, value, attn_mask: CausalBias, dropout_p, is_causal, scale, enable_gqa):
+    """A ``CausalBias`` mask as the kernels' causal band. Its storage holds no values: it must never be
+    read as a bias. torch treats an upper-left bias, or one with equal lengths, as ``is_causal=True``."""
+    if is_causal:
+        raise ValueError("CausalBias should not be used with causal=True")  # torch's own error
+    if attn_mask.variant == CausalVariant.UPPER_LEFT or attn_mask.seq_len_q == attn_mask.seq_len_kv:
+        return scaled_dot_product_attention(query, key, value, None, dropout_p, True, scale, enable_gqa)
+    reason = fallback_reason(query, key, value, None, dropout_p, False, scale, enable_gqa)
+    if reason is None and (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (query.shape[2], key.shape[2]):
+        reason = (f"a causal_lower_right({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) mask for "
+                  f"{query.shape[2]} queries and {key.shape[2]} keys")
+    if reason is not None:
+        return _torch_sdpa(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    record("scaled_dot_product_attention", backend_for(query.device))
+    return flash_attention(query, key, value, causal=True, softmax_scale=scale)
 
 
 class patch_sdpa:
@@ -152,19 +204,41 @@ class patch_sdpa:
     Only calls that look the function up on ``torch.nn.functional`` at call time see the patch (as
     Hugging Face transformers' "sdpa" attention does); a name imported earlier with
     ``from torch.nn.functional import scaled_dot_product_attention`` keeps torch's function.
+
+    While patched, torch's ``nn.MultiheadAttention`` fast path (``torch.backends.mha``), which in eval mode
+    computes attention in one native op without calling the function above, is switched off, so those
+    modules run the kernels too (with ``need_weights=False``; weights are never materialised). Unpatching
+    restores the fast path setting found when the patch was installed.
     """
 
     def __init__(self, enable: bool = True):
         if not isinstance(enable, bool):
             raise TypeError(f"enable must be a bool, got {type(enable).__name__} {enable!r}")
         self._previous = torch.nn.functional.scaled_dot_product_attention
-        torch.nn.functional.scaled_dot_product_attention = scaled_dot_product_attention if enable else TORCH_SDPA
+        _install(scaled_dot_product_attention if enable else TORCH_SDPA)
 
     def __enter__(self) -> "patch_sdpa":
         return self
 
     def __exit__(self, *exc_info) -> None:
-        torch.nn.functional.scaled_dot_product_attention = self._previous
+        _install(self._previous)
+
+
+#: torch's MultiheadAttention fast path setting when the patch went in, to restore when it comes out.
+_fastpath_before_patch: bool | None = None
+
+
+def _install(function) -> None:
+    """Make ``function`` torch's SDPA, with the MultiheadAttention fast path off exactly while patched."""
+    global _fastpath_before_patch
+    patched_now = sdpa_is_patched()
+    torch.nn.functional.scaled_dot_product_attention = function
+    if function is scaled_dot_product_attention and not patched_now:
+        _fastpath_before_patch = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+    elif function is not scaled_dot_product_attention and patched_now and _fastpath_before_patch is not None:
+        torch.backends.mha.set_fastpath_enabled(_fastpath_before_patch)
+        _fastpath_before_patch = None
 
 
 def sdpa_is_patched() -> bool:

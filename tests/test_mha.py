@@ -1,4 +1,4 @@
-"""``fs.MultiheadAttention`` against ``torch.nn.MultiheadAttention`` (SPEC section 7).
+"""``fs.MultiheadAttention`` against ``torch.nn.MultiheadAttention``, by the accuracy policy (docs/semantics.md).
 
 ``from_torch`` copies a torch module; both run the same inputs and the results are judged against the
 torch module run in float64 (the truth), with torch's module in the input dtype as the low-precision
@@ -63,7 +63,7 @@ def run(module, inputs, dout, dtype, **kwargs):
 
 
 def check_against_torch(torch_mha, inputs, dtype=torch.float32, causal=False, ours_kwargs=None, **kwargs):
-    """from_torch(torch_mha) on ``inputs`` against torch_mha, by SPEC section 7; returns our output."""
+    """from_torch(torch_mha) on ``inputs`` against torch_mha, by the accuracy policy; returns our output."""
     ours = fs.MultiheadAttention.from_torch(torch_mha, causal=causal)
     inputs = [x.to(dtype) for x in inputs]
     query_shape = inputs[0].shape

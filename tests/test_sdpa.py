@@ -1,8 +1,8 @@
 """``fs.scaled_dot_product_attention`` against torch's, and ``fs.patch_sdpa``.
 
 The truth is torch's SDPA in float64; the low-precision reference is torch's math implementation in the
-input dtype (SPEC section 7). Calls the kernels serve are checked to reach them; calls they cannot
-serve must give exactly torch's result or torch's error.
+input dtype (the accuracy policy of docs/semantics.md). Calls the kernels serve are checked to reach them;
+calls they cannot serve must give exactly torch's result or torch's error.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Validation of attention inputs (SPEC section 6).
+"""Validation of attention inputs (docs/semantics.md, 'Errors').
 
 Everything here reads only shapes, dtypes and devices: no check ever touches tensor data, so none
 synchronises with the GPU. Every error names the argument, what was expected and what was given.
@@ -79,19 +79,25 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
+def _finite(value) -> bool:
+    """``math.isfinite`` written as comparisons (NaN fails both), which ``torch.compile`` can also evaluate
+    on a symbolic float (``dynamic=True`` makes float arguments symbolic; ``math.isfinite`` breaks the graph)."""
+    return -math.inf < value < math.inf
+
+
 def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
     """``1 / sqrt(head_dim)`` by default; otherwise a finite real number."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale):
+    if not _finite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     return float(softmax_scale)
 
 
 def resolve_window(window_size, causal: bool) -> tuple[int, int]:
-    """``(left, right)`` with -1 for unbounded; causal sets ``right = 0`` (SPEC: causal is ``(left, 0)``)."""
+    """``(left, right)`` with -1 for unbounded; causal sets ``right = 0`` (causal is the window ``(left, 0)``)."""
     # The usual call passes a pair of plain ints: accept it without the numbers.Integral checks, whose
     # abstract-class lookups cost more than the rest of this function.
     if type(window_size) is tuple and len(window_size) == 2:
@@ -115,7 +121,7 @@ def resolve_softcap(softcap) -> float:
         return softcap
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
-    if not math.isfinite(softcap) or softcap < 0:
+    if not _finite(softcap) or softcap < 0:
         raise ValueError(f"softcap must be 0 (off) or a finite positive number, got {softcap}")
     return float(softcap)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from flash_softmax import reference
-from flash_softmax._backend import backend_for
+from flash_softmax._backend import backend_for, backend_reason, record_fallback
 from flash_softmax.attention import ops
 from flash_softmax.attention.checks import (
     broadcast_attn_bias,
@@ -97,7 +97,8 @@ def flash_attention(
         A row that sees no key gives output 0, lse -inf and zero gradients.
 
     CUDA tensors run the compiled Triton kernels; CPU tensors run the same kernels in Triton's interpreter
-    when ``TRITON_INTERPRET=1``, and otherwise ``flash_softmax.reference.attention`` (same semantics).
+    when ``TRITON_INTERPRET=1``, and otherwise ``flash_softmax.reference.attention`` (same semantics), which
+    warns once (``flash_softmax.FallbackWarning``) and is counted in ``flash_softmax.stats()``.
     """
     check_attention_inputs(q, k, v)
     check_flag("causal", causal)
@@ -109,6 +110,7 @@ def flash_attention(
         check_attn_bias(attn_bias, q, k)
         attn_bias = attn_bias.detach()  # it receives no gradient
     if backend_for(q.device) == "torch":
+        record_fallback("attention_forward", backend_reason(q.device))
         out, lse = reference.attention(
             q, k, v, softmax_scale=scale, window_size=(left, right), softcap=softcap,
             attn_bias=broadcast_attn_bias(attn_bias, q, k), return_lse=True,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from flash_softmax._backend import device_guard
+from flash_softmax._backend import backend_for, device_guard, record
 from flash_softmax.attention.backward import attention_backward
 from flash_softmax.attention.checks import broadcast_attn_bias
 from flash_softmax.attention.forward import attention_forward
@@ -61,6 +61,7 @@ def attention_forward_op(
     """
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     options = _kernel_options(q, k, attn_bias, softmax_scale, window_left, window_right, softcap)
+    record("attention_forward", backend_for(q.device))  # here, so that calls from compiled graphs count too
     with device_guard(q):  # Triton launches on the current device
         return attention_forward(q, k, v, options)
 
@@ -85,6 +86,7 @@ def attention_backward_op(
     dout, q = last_dim_contiguous(dout), last_dim_contiguous(q)
     k, v = last_dim_contiguous(k), last_dim_contiguous(v)
     options = _kernel_options(q, k, attn_bias, softmax_scale, window_left, window_right, softcap)
+    record("attention_backward", backend_for(q.device))
     with device_guard(q):
         return attention_backward(dout, q, k, v, out, lse, options)
 

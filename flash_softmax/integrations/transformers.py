@@ -24,6 +24,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 try:
     from transformers import AttentionInterface
@@ -41,7 +42,7 @@ except ImportError as error:  # transformers is an optional dependency
         "pip install 'transformers>=5'"
     ) from error
 
-from flash_softmax import reference
+from flash_softmax._backend import record_fallback
 from flash_softmax.attention import flash_attention
 
 __all__ = ["ATTENTION_NAME", "register", "fs_attention_forward", "fs_attention_mask"]
@@ -152,24 +153,42 @@ def _sliding_window_size(sliding_window: int | None, causal: bool) -> tuple[int,
 
 def _dropout_fallback(module, query, key, value, attention_mask, *, causal, window, dropout, scaling, softcap, kwargs):
     """Attention dropout in training is not in the kernel: run transformers' sdpa function instead, with the
-    causal/window band made explicit (sdpa's ``is_causal`` is top-left aligned, ours bottom-right)."""
+    causal band made explicit (sdpa's ``is_causal`` is top-left aligned, ours bottom-right)."""
     if softcap:
         raise ValueError(
             f"fs_attention: attention dropout ({dropout}) together with softcap ({softcap}) is not supported "
             "(the kernel has no dropout and sdpa no softcap); set the model's attention_dropout to 0.0 "
             "or use attn_implementation='eager'"
         )
-    warnings.warn(
-        f"fs_attention: attention dropout {dropout} in training mode is not supported by the kernel; this "
-        "layer falls back to torch's scaled_dot_product_attention. Set the model's attention_dropout to 0.0 "
-        "to use the kernel.",
-        stacklevel=3,
+    seqlen_q, seqlen_k = query.shape[2], key.shape[2]
+    if attention_mask is None and _window_hides_keys(window, seqlen_q, seqlen_k):
+        # fs_attention_mask hands over a materialised mask whenever a window hides keys, so this is only
+        # reached by callers that bypass it.
+        raise ValueError(
+            f"fs_attention: attention dropout ({dropout}) with a sliding window {window} that hides keys and no "
+            "attention mask is not supported; set the model's attention_dropout to 0.0 or pass the mask"
+        )
+    record_fallback(
+        "fs_attention",
+        f"attention dropout {dropout} in training mode is not in the kernel; torch's scaled_dot_product_attention "
+        "runs this layer (set the model's attention_dropout to 0.0 to use the kernel)",
+        stacklevel=4,
     )
-    if attention_mask is None:
-        attention_mask = reference.band_mask(query.shape[2], key.shape[2], causal, window, query.device)
+    is_causal = False
+    if attention_mask is None and causal:
+        # Equal lengths: top-left is bottom-right. Otherwise torch's own bottom-right causal bias.
+        is_causal = seqlen_q == seqlen_k
+        attention_mask = None if is_causal else causal_lower_right(seqlen_q, seqlen_k)
     return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
+
+
+def _window_hides_keys(window: tuple[int, int], seqlen_q: int, seqlen_k: int) -> bool:
+    """Whether the band ``window = (left, right)`` (bottom-right aligned, -1 unbounded; causal is the
+    caller's) keeps some query from some key, beyond what causality already does."""
+    left, right = window
+    return (left >= 0 and left < seqlen_k - 1) or (right > 0 and right < seqlen_q - 1)
 
 
 def fs_attention_forward(

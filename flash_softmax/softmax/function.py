@@ -12,7 +12,7 @@ import operator
 import torch
 from torch.autograd.function import once_differentiable
 
-from flash_softmax._backend import backend_for
+from flash_softmax._backend import backend_for, backend_reason, record_fallback
 from flash_softmax.softmax.ops import softmax_backward_op, softmax_forward_op
 
 __all__ = ["softmax", "log_softmax", "SoftmaxFunction"]
@@ -68,42 +68,60 @@ def _checked_dim(x: object, dim: object, function: str) -> int:
     return dim % rank
 
 
-def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """``torch.softmax(x, dim)`` by the fused Triton kernels.
+def _apply(x: torch.Tensor, dim, dtype, log: bool) -> torch.Tensor:
+    """The shared body of ``softmax`` and ``log_softmax``: checks, torch's ``dtype`` cast, dispatch."""
+    function = "log_softmax" if log else "softmax"
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{function}: dtype must be a torch.dtype or None, got {type(dtype).__name__} ({dtype!r})")
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{function}: dtype must be float16, bfloat16 or float32 (or None), got {dtype}")
+        if isinstance(x, torch.Tensor):
+            # As torch does: the input is cast first (the cast is differentiable), the op runs in dtype.
+            x = x.to(dtype)
+    dim = _checked_dim(x, dim, function)
+    if backend_for(x.device) == "torch":
+        record_fallback("softmax_forward", backend_reason(x.device), stacklevel=4)
+        return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
+    return SoftmaxFunction.apply(x, dim, log)
+
+
+def softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.softmax(x, dim, dtype=dtype)`` by the fused Triton kernels.
 
     Args:
         x: float16, bfloat16 or float32 tensor of any shape (0-d and empty included) and any strides.
         dim: the dim to normalise over; negative values count from the end.
+        dtype: as torch's: when given, x is cast to it before the operation (e.g. ``torch.float32`` for a
+            float32 result from half inputs). It must be one of the supported dtypes.
 
     Returns:
-        ``exp(x) / sum(exp(x))`` along ``dim``, x's shape and dtype, computed in float32. Special values
-        follow torch: a row that is all ``-inf``, or holds ``+inf`` or NaN, is NaN; a ``-inf`` entry in an
-        otherwise finite row gives 0. Differentiable; the backward keeps only the output.
+        ``exp(x) / sum(exp(x))`` along ``dim``, x's shape and dtype (``dtype`` when given), computed in
+        float32. Special values follow torch: a row that is all ``-inf``, or holds ``+inf`` or NaN, is NaN;
+        a ``-inf`` entry in an otherwise finite row gives 0. Differentiable; the backward keeps only the
+        output.
 
     CUDA tensors run the compiled kernels, CPU tensors the same kernels in Triton's interpreter when
-    ``TRITON_INTERPRET=1``; anywhere else the result is ``torch.softmax``'s.
+    ``TRITON_INTERPRET=1``; anywhere else the result is ``torch.softmax``'s, which warns once
+    (``flash_softmax.FallbackWarning``) and is counted in ``flash_softmax.stats()``.
     """
-    dim = _checked_dim(x, dim, "softmax")
-    if backend_for(x.device) == "torch":
-        return torch.softmax(x, dim)
-    return SoftmaxFunction.apply(x, dim, False)
+    return _apply(x, dim, dtype, log=False)
 
 
-def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """``torch.log_softmax(x, dim)`` by the fused Triton kernels.
+def log_softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.log_softmax(x, dim, dtype=dtype)`` by the fused Triton kernels.
 
     Args:
         x: float16, bfloat16 or float32 tensor of any shape (0-d and empty included) and any strides.
         dim: the dim to normalise over; negative values count from the end.
+        dtype: as torch's: when given, x is cast to it before the operation.
 
     Returns:
-        ``x - log(sum(exp(x)))`` along ``dim``, x's shape and dtype, computed in float32. Special values
-        follow torch: a row that is all ``-inf``, or holds ``+inf`` or NaN, is NaN; a ``-inf`` entry in an
-        otherwise finite row stays ``-inf``. Differentiable; the backward keeps only the output.
+        ``x - log(sum(exp(x)))`` along ``dim``, x's shape and dtype (``dtype`` when given), computed in
+        float32. Special values follow torch: a row that is all ``-inf``, or holds ``+inf`` or NaN, is NaN;
+        a ``-inf`` entry in an otherwise finite row stays ``-inf``. Differentiable; the backward keeps only
+        the output.
 
     Runs where ``softmax`` runs.
     """
-    dim = _checked_dim(x, dim, "log_softmax")
-    if backend_for(x.device) == "torch":
-        return torch.log_softmax(x, dim)
-    return SoftmaxFunction.apply(x, dim, True)
+    return _apply(x, dim, dtype, log=True)

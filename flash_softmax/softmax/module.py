@@ -8,29 +8,29 @@ from torch import nn
 from flash_softmax.softmax.function import log_softmax, softmax
 
 
-class Softmax(nn.Module):
+class _Normalization(nn.Module):
+    """A module over one of the functionals, along ``dim``."""
+
+    function = staticmethod(softmax)
+
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class Softmax(_Normalization):
     """``flash_softmax.softmax`` along ``dim``; a drop-in for ``torch.nn.Softmax``."""
 
-    def __init__(self, dim: int = -1):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return softmax(x, self.dim)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+    function = staticmethod(softmax)
 
 
-class LogSoftmax(nn.Module):
+class LogSoftmax(_Normalization):
     """``flash_softmax.log_softmax`` along ``dim``; a drop-in for ``torch.nn.LogSoftmax``."""
 
-    def __init__(self, dim: int = -1):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return log_softmax(x, self.dim)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+    function = staticmethod(log_softmax)
