@@ -1,4 +1,5 @@
-"""The accuracy policy (SPEC section 7), shared by the test suite and ``flash-softmax verify``.
+"""The accuracy policy, shared by the test suite and ``flash-softmax verify`` (docs/semantics.md, 'Accuracy
+policy').
 
 A low-precision result is judged against how well the same computation can be done in that precision:
 it passes when its max error against the truth is at most ``factor`` times the max error of the
@@ -8,6 +9,7 @@ float32 results must be within ``1e-5`` relative of a float64 truth.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +68,7 @@ def compare(
     *,
     factor: float = OUTPUT_FACTOR,
 ) -> Comparison:
-    """Judge ``actual`` against ``truth`` by SPEC section 7.
+    """Judge ``actual`` against ``truth`` by the accuracy policy.
 
     Args:
         name: what is compared, for the report.
@@ -100,16 +102,12 @@ def compare(
     return Comparison(name, max_error, mean_error, reference_error, bound, worst, max_error <= bound)
 
 
-def assert_close(
-    name: str,
-    actual: torch.Tensor,
-    truth: torch.Tensor,
-    lowp_reference: torch.Tensor | None,
-    *,
-    factor: float = OUTPUT_FACTOR,
-) -> Comparison:
-    """``compare`` and raise ``AssertionError`` with the full report when the result fails."""
-    result = compare(name, actual, truth, lowp_reference, factor=factor)
+# Only ``__wrapped__`` is taken from ``compare``: ``inspect.signature`` and help() show its arguments, which
+# are passed through unchanged; the name and docstring stay this function's own.
+@functools.wraps(compare, assigned=())
+def assert_close(*args, **kwargs) -> Comparison:
+    """``compare`` (same arguments) and raise ``AssertionError`` with the full report when the result fails."""
+    result = compare(*args, **kwargs)
     if not result.passed:
         raise AssertionError(str(result))
     return result

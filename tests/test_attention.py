@@ -1,4 +1,5 @@
-"""Attention kernels against the materialised reference, judged by SPEC section 7.
+"""Attention kernels against the materialised reference, judged by the accuracy policy (docs/semantics.md,
+'Accuracy policy').
 
 On a CPU these run the real Triton kernels in the interpreter; on a GPU, compiled. Lengths are chosen
 around the block sizes (the interpreter uses 32, GPUs 32..128), odd, and on both sides of Sq == Sk.
@@ -14,53 +15,13 @@ import torch
 import flash_softmax as fs
 from flash_softmax import reference
 from flash_softmax.attention.ops import attention_forward_op
-from flash_softmax.testing import GRADIENT_FACTOR, OUTPUT_FACTOR, assert_close
+from flash_softmax.testing import assert_close
 
+from attention_checks import check_attention, make_inputs
 from conftest import DEVICE
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 LENGTH_PAIRS = [(1, 1), (1, 239), (113, 203), (127, 513), (203, 113)]
-
-
-def make_inputs(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, head_dim_v=None, seed=0):
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    head_dim_v = head_dim if head_dim_v is None else head_dim_v
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(device=DEVICE, dtype=dtype).requires_grad_()
-
-    q = randn(batch, heads_q, seqlen_q, head_dim)
-    k = randn(batch, heads_kv, seqlen_k, head_dim)
-    v = randn(batch, heads_kv, seqlen_k, head_dim_v)
-    return q, k, v
-
-
-def run_reference(q, k, v, dout, dtype, **options):
-    """Output, lse and input gradients of the reference computed from copies of q, k, v in ``dtype``."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    upcast = dtype != q.dtype  # float64 truth upcasts; the input-dtype reference does not
-    out, lse = reference.attention(*leaves, return_lse=True, upcast=upcast, **options)
-    out.backward(dout.to(dtype))
-    return out, lse, [t.grad for t in leaves]
-
-
-def check_attention(q, k, v, dout=None, check_grads=True, **options):
-    """Run kernel, float64 truth and input-dtype reference; assert SPEC section 7 for out, lse and grads."""
-    out, lse = fs.flash_attention(q, k, v, return_lse=True, **options)
-    assert out.dtype == q.dtype and lse.dtype == torch.float32
-    assert out.shape == (*q.shape[:3], v.shape[-1]) and lse.shape == q.shape[:3]
-    if dout is None:
-        dout = torch.randn_like(out)
-    truth = run_reference(q, k, v, dout, torch.float64, **options)
-    lowp = run_reference(q, k, v, dout, q.dtype, **options) if q.dtype != torch.float32 else (None, None, [None] * 3)
-    assert_close("out", out, truth[0], lowp[0], factor=OUTPUT_FACTOR)
-    assert_close("lse", lse, truth[1], lowp[1], factor=OUTPUT_FACTOR)
-    if check_grads:
-        out.backward(dout)
-        for name, tensor, true_grad, lowp_grad in zip(("dq", "dk", "dv"), (q, k, v), truth[2], lowp[2]):
-            assert tensor.grad.shape == tensor.shape
-            assert_close(name, tensor.grad, true_grad, lowp_grad, factor=GRADIENT_FACTOR)
-    return out, lse
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -193,9 +154,9 @@ def test_empty_lengths(shape_q, shape_k):
 def test_gradcheck_float64(options):
     """Backward is the derivative of forward: float64 finite differences of the kernels' own forward.
 
-    The public functions take 16- and 32-bit inputs (SPEC section 1); the custom op under them also runs
-    the kernels in float64 (float64 accumulation), which is what a gradient check needs. Grouped heads
-    (2 query heads on 1 K/V head) and Dv != D are part of every case.
+    The public functions take 16- and 32-bit inputs (docs/semantics.md, 'Attention'); the custom op under
+    them also runs the kernels in float64 (float64 accumulation), which is what a gradient check needs.
+    Grouped heads (2 query heads on 1 K/V head) and Dv != D are part of every case.
     """
     generator = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(*shape, generator=generator, dtype=torch.float64).to(DEVICE).requires_grad_()

@@ -1,4 +1,5 @@
-"""Edges of the attention contract (SPEC section 1), judged by SPEC section 7 through ``check_attention``.
+"""Edges of the attention contract (docs/semantics.md, 'Attention'), judged by the accuracy policy
+(docs/semantics.md, 'Accuracy policy') through ``attention_checks``.
 
 Empty lengths with every option, head dims 1 and 2, biases in odd layouts, dtypes and values (NaN,
 -inf rows, all-False masks), grouped heads with biases and empty rows, windows at and past the ends,
@@ -13,21 +14,23 @@ import torch
 
 import flash_softmax as fs
 from flash_softmax import reference
-from flash_softmax.testing import GRADIENT_FACTOR, OUTPUT_FACTOR, assert_close
+from flash_softmax.testing import GRADIENT_FACTOR, assert_close
 
+from attention_checks import (
+    assert_matches_reference,
+    check_attention,
+    grads_of,
+    judge,
+    make_inputs,
+    reference_results,
+)
 from conftest import DEVICE
-from test_attention import check_attention, make_inputs, run_reference
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
 def randn(*shape, dtype=F32, seed=7):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
-
-
-def check_grads_of(leaves, truth_grads, lowp_grads):
-    for name, tensor, true_grad, lowp_grad in zip(("dq", "dk", "dv"), leaves, truth_grads, lowp_grads):
-        assert_close(name, tensor.grad, true_grad, lowp_grad, factor=GRADIENT_FACTOR)
 
 
 # --- empty lengths, combined with every option ------------------------------------------------------
@@ -146,10 +149,7 @@ def test_bias_needing_no_gradient_in_another_dtype():
     dout = randn(*out.shape, dtype=F16, seed=3)
     out.backward(dout)
     assert bias.grad is None
-    truth = run_reference(q, k, v, dout, torch.float64, attn_bias=bias.detach())
-    lowp = run_reference(q, k, v, dout, F16, attn_bias=bias.detach())
-    assert_close("out", out, truth[0], lowp[0], factor=OUTPUT_FACTOR)
-    check_grads_of((q, k, v), truth[2], lowp[2])
+    assert_matches_reference(dict(out=out, **grads_of(q, k, v)), q, k, v, dout, attn_bias=bias.detach())
 
 
 def test_bias_nan_reaches_exactly_its_rows():
@@ -178,10 +178,7 @@ def _nan_bias_under_causal():
 
 def test_nan_bias_under_causal_forward_and_dv():
     q, k, v, bias, out, lse, dout = _nan_bias_under_causal()
-    truth = run_reference(q, k, v, dout, torch.float64, causal=True, attn_bias=bias)
-    assert_close("out", out, truth[0], None)
-    assert_close("lse", lse, truth[1], None)
-    assert_close("dq", q.grad, truth[2][0], None)
+    assert_matches_reference(dict(out=out, lse=lse, dq=q.grad), q, k, v, dout, causal=True, attn_bias=bias)
     # Keys 3.. are not seen by row 2: their dV is a sum over the other (clean) rows.
     assert not torch.isnan(v.grad[..., 3:, :]).any()
     assert torch.isnan(v.grad[..., :3, :]).all()
@@ -189,9 +186,9 @@ def test_nan_bias_under_causal_forward_and_dv():
 
 def test_nan_bias_under_causal_dk_stays_in_the_rows_it_touches():
     q, k, v, bias, out, lse, dout = _nan_bias_under_causal()
-    truth = run_reference(q, k, v, dout, torch.float64, causal=True, attn_bias=bias)
-    assert not torch.isnan(truth[2][1][..., 3:, :]).any()  # the reference keeps keys 3.. clean
-    assert_close("dk", k.grad, truth[2][1], None)
+    truth = reference_results(q, k, v, dout, torch.float64, causal=True, attn_bias=bias)
+    assert not torch.isnan(truth["dk"][..., 3:, :]).any()  # the reference keeps keys 3.. clean
+    assert_close("dk", k.grad, truth["dk"], None)
 
 
 @pytest.mark.parametrize("dtype", [F16, F32], ids=str)
@@ -214,12 +211,8 @@ def test_float_bias_minus_inf_on_whole_rows(dtype):
     assert torch.all(q.grad[:, :, empty] == 0)
     rows = ~empty
     sub = [t.detach()[:, :, rows] if name == "q" else t.detach() for name, t in zip("qkv", (q, k, v))]
-    options = dict(attn_bias=bias[:, :, rows])
-    truth = run_reference(*sub, dout[:, :, rows], torch.float64, **options)
-    lowp = run_reference(*sub, dout[:, :, rows], dtype, **options) if dtype != F32 else (None, None, [None] * 3)
-    assert_close("dq", q.grad[:, :, rows], truth[2][0], lowp[2][0], factor=GRADIENT_FACTOR)
-    assert_close("dk", k.grad, truth[2][1], lowp[2][1], factor=GRADIENT_FACTOR)
-    assert_close("dv", v.grad, truth[2][2], lowp[2][2], factor=GRADIENT_FACTOR)
+    assert_matches_reference(dict(dq=q.grad[:, :, rows], dk=k.grad, dv=v.grad), *sub, dout[:, :, rows],
+                             attn_bias=bias[:, :, rows])
 
 
 def test_float_bias_minus_inf_row_reference_gradients():
@@ -372,8 +365,7 @@ def test_large_scores_keep_float32_accuracy_in_dv(scale):
     out, lse = check_attention(q, k, v, softmax_scale=scale, check_grads=False)
     dout = torch.ones_like(out)
     out.backward(dout)
-    truth = run_reference(q, k, v, dout, torch.float64, softmax_scale=scale)
-    assert_close("dv", v.grad, truth[2][2], None, factor=GRADIENT_FACTOR)
+    assert_matches_reference(dict(dv=v.grad), q, k, v, dout, softmax_scale=scale)
 
 
 # --- autograd edges ------------------------------------------------------------------------------------
@@ -386,13 +378,10 @@ def test_gradients_for_some_inputs_only(needs_grad):
     out = fs.flash_attention(q, k, v, causal=True, softcap=5.0)
     dout = randn(*out.shape, dtype=F16)
     out.backward(dout)
-    truth = run_reference(q, k, v, dout, torch.float64, causal=True, softcap=5.0)
-    lowp = run_reference(q, k, v, dout, F16, causal=True, softcap=5.0)
-    for name, tensor, true_grad, lowp_grad in zip("qkv", (q, k, v), truth[2], lowp[2]):
-        if name in needs_grad:
-            assert_close("d" + name, tensor.grad, true_grad, lowp_grad, factor=GRADIENT_FACTOR)
-        else:
-            assert tensor.grad is None
+    grads = {name: tensor.grad for name, tensor in zip("qkv", (q, k, v))}
+    assert_matches_reference({"d" + name: grads[name] for name in needs_grad}, q, k, v, dout,
+                             causal=True, softcap=5.0)
+    assert all(grads[name] is None for name in "qkv" if name not in needs_grad)
 
 
 def test_backward_twice_with_retain_graph():
@@ -422,9 +411,7 @@ def test_out_sum_backward():
     q, k, v = make_inputs(1, 2, 2, 19, 37, 16, F16, head_dim_v=24)
     out = fs.flash_attention(q, k, v, causal=True)
     out.sum().backward()
-    truth = run_reference(q, k, v, torch.ones_like(out), torch.float64, causal=True)
-    lowp = run_reference(q, k, v, torch.ones_like(out), F16, causal=True)
-    check_grads_of((q, k, v), truth[2], lowp[2])
+    assert_matches_reference(grads_of(q, k, v), q, k, v, torch.ones_like(out), causal=True)
 
 
 @pytest.mark.parametrize("layout", ["bshd", "last-dim-strided"])
@@ -479,15 +466,15 @@ def test_zero_stride_inputs(dtype):
     out.backward(dout)
 
     def run(dtype_, upcast):
+        """Output and gradients (w.r.t. q0, k0, v0) of the reference on the expanded inputs in ``dtype_``."""
         leaves = [t.detach().to(dtype_).requires_grad_() for t in (q0, k0, v0)]
         result = reference.attention(*(t.expand(s) for t, s in zip(leaves, shapes)), causal=True, upcast=upcast)
         result.backward(dout.to(dtype_))
-        return result, [t.grad for t in leaves]
+        return dict(out=result, **grads_of(*leaves))
 
     truth = run(torch.float64, True)
-    lowp = run(dtype, False) if dtype != F32 else (None, [None] * 3)
-    assert_close("out", out, truth[0], lowp[0], factor=OUTPUT_FACTOR)
-    check_grads_of((q0, k0, v0), truth[1], lowp[1])
+    lowp = run(dtype, False) if dtype != F32 else dict.fromkeys(truth)
+    judge(dict(out=out, **grads_of(q0, k0, v0)), truth, lowp)
 
 
 # --- inf and NaN in q, k, v ------------------------------------------------------------------------------
@@ -525,20 +512,21 @@ def test_inf_query_with_softcap():
     check_attention(q, k, v, softcap=5.0)
 
 
-def test_nan_query_under_causal_dk():
+def _nan_query_under_causal():
+    """Causal Sq = 9, Sk = 11: query row 3 holds a NaN; forward and backward run. Returns q, k, v, dout."""
     q, k, v = _with_value("q", float("nan"))
     out = fs.flash_attention(q, k, v, causal=True)
     dout = randn(*out.shape)
     out.backward(dout)
-    truth = run_reference(q, k, v, dout, torch.float64, causal=True)
-    assert_close("dk", k.grad, truth[2][1], None, factor=GRADIENT_FACTOR)
+    return q, k, v, dout
+
+
+def test_nan_query_under_causal_dk():
+    q, k, v, dout = _nan_query_under_causal()
+    assert_matches_reference(dict(dk=k.grad), q, k, v, dout, causal=True)
 
 
 def test_nan_query_under_causal_dv():
-    q, k, v = _with_value("q", float("nan"))
-    out = fs.flash_attention(q, k, v, causal=True)
-    dout = randn(*out.shape)
-    out.backward(dout)
-    truth = run_reference(q, k, v, dout, torch.float64, causal=True)
+    q, k, v, dout = _nan_query_under_causal()
     assert not torch.isnan(v.grad[0, 0, 6:]).any()  # keys 6.. are not seen by row 3
-    assert_close("dv", v.grad, truth[2][2], None, factor=GRADIENT_FACTOR)
+    assert_matches_reference(dict(dv=v.grad), q, k, v, dout, causal=True)

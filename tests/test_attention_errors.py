@@ -1,4 +1,7 @@
-"""Bad input raises ValueError/TypeError naming the argument, the expected and the given (SPEC section 6)."""
+"""Bad input raises ValueError/TypeError naming the argument, the expected and the given.
+
+The errors are listed in docs/semantics.md, 'Errors'.
+"""
 
 from __future__ import annotations
 

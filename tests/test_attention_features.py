@@ -1,4 +1,7 @@
-"""Sliding windows, softcap, biases and masks, grouped heads, and all of them together (SPEC section 1)."""
+"""Sliding windows, softcap, biases and masks, grouped heads, and all of them together.
+
+What each option means: docs/semantics.md, 'Attention' and 'Masks: causal, sliding window, bias'.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ import torch
 
 import flash_softmax as fs
 
+from attention_checks import check_attention, make_inputs
 from conftest import DEVICE
-from test_attention import check_attention, make_inputs
 
 
 @pytest.mark.parametrize(

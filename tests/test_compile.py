@@ -163,8 +163,8 @@ def test_compiled_model_equals_eager(monkeypatch):
         for got, expected in zip(compiled_grads, eager_grads):
             assert torch.equal(got, expected)
     else:
-        # Inductor fuses the projections and norms, which reorders float32 sums: SPEC 7's float32 rule
-        # against a float64 run of the same model, its attention by the reference.
+        # Inductor fuses the projections and norms, which reorders float32 sums: the accuracy policy's
+        # float32 rule against a float64 run of the same model, its attention by the reference.
         import copy
 
         import flash_softmax.mha

@@ -64,9 +64,9 @@ def test_loss_decreases(comparison):
 
 def test_flash_and_naive_follow_the_same_curve(comparison):
     """Same seed, same weights, same batches. At step 0 both losses are float32 computations of one number,
-    each within SPEC 7's float32 bound of it. Later, training feeds the rounding differences back into the
-    weights, so the curves are held to coincide at 1% of the loss drop of the run: indistinguishable on the
-    plot. (On the CPU they agree to about 1e-7 relative.)"""
+    each within the accuracy policy's float32 bound of it. Later, training feeds the rounding differences
+    back into the weights, so the curves are held to coincide at 1% of the loss drop of the run:
+    indistinguishable on the plot. (On the CPU they agree to about 1e-7 relative.)"""
     summary, _ = comparison
     flash, naive = summary["runs"]["flash"]["losses"], summary["runs"]["naive"]["losses"]
     assert abs(flash[0] - naive[0]) <= 2 * FLOAT32_RTOL * abs(naive[0]), (flash[0], naive[0])

@@ -9,7 +9,7 @@ is ``gpu`` and is skipped without CUDA (tests/conftest.py).
   grouped-query heads, causal and sliding-window bands at ragged lengths, with the default configuration
   of each bucket and with every configuration of each kernel's space forced in turn.
 - Long sequences: 64k keys for a few queries, 64k queries over a few keys, and 16k x 16k, against the
-  float64 reference.
+  float64 reference by the accuracy policy (``attention_checks.assert_matches_reference``).
 - Head dim 256: every configuration of each kernel's pruned space for this device, run and checked
   (and the defaults in float16, without a band, and at head dim 192, padded to 256).
 """
@@ -19,11 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import flash_softmax as fs
-from flash_softmax import reference
 from flash_softmax.attention import configs
-from flash_softmax.testing import GRADIENT_FACTOR, OUTPUT_FACTOR, assert_close
 
+from attention_checks import NAMES, assert_matches_reference, kernel_results
 from conftest import DEVICE
 
 pytestmark = pytest.mark.gpu
@@ -41,6 +39,8 @@ SHAPES = [
 
 
 def make_inputs(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype=torch.bfloat16, seed=0):
+    """Seeded random q, k, v (head dim ``head_dim`` for values too) and an output gradient ``dout``, on the
+    test device; plain tensors (``kernel_results`` runs on leaves of its own)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape):
@@ -53,39 +53,17 @@ def make_inputs(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype=to
     return q, k, v, dout
 
 
-def run(q, k, v, dout, **options):
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out, lse = fs.flash_attention(*leaves, return_lse=True, **options)
-    grads = torch.autograd.grad(out, leaves, dout)
-    return [out.detach(), lse.detach(), *grads]
-
-
-def check_against_reference(results, q, k, v, dout, **options):
-    """out, lse, dq, dk, dv of ``results`` against the float64 truth (SPEC accuracy policy)."""
-    truth = _reference(q, k, v, dout, torch.float64, **options)
-    lowp = _reference(q, k, v, dout, q.dtype, **options)
-    for index, name in enumerate(("out", "lse", "dq", "dk", "dv")):
-        factor = OUTPUT_FACTOR if index < 2 else GRADIENT_FACTOR
-        assert_close(name, results[index], truth[index], lowp[index], factor=factor)
-
-
-def _reference(q, k, v, dout, dtype, **options):
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = reference.attention(*leaves, return_lse=True, upcast=dtype != q.dtype, **options)
-    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
-    return [out.detach(), lse.detach(), *grads]
-
-
 def assert_repeatable(q, k, v, dout, **options):
     """``REPEATS`` runs of forward and backward, each bitwise equal to the first; the first one correct."""
-    first = run(q, k, v, dout, **options)
+    first = kernel_results(q, k, v, dout, **options)
     for repeat in range(1, REPEATS):
-        again = run(q, k, v, dout, **options)
-        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, again):
+        again = kernel_results(q, k, v, dout, **options)
+        for name in NAMES:
+            a, b = first[name], again[name]
             if not torch.equal(a, b):
                 differing = (a != b).sum().item()
                 raise AssertionError(f"{name} differs between run 0 and run {repeat} in {differing} elements")
-    check_against_reference(first, q, k, v, dout, **options)
+    assert_matches_reference(first, q, k, v, dout, **options)
 
 
 def _shared_limit() -> int:
@@ -136,16 +114,16 @@ def test_every_space_configuration_is_deterministic(variant, head_dim):
 def test_long_keys_few_queries(causal):
     """65537 keys: the dQ and forward loops walk a thousand key blocks; dK/dV a grid of that many tiles."""
     q, k, v, dout = make_inputs(1, 4, 1, 300, 65537, 128)
-    results = run(q, k, v, dout, causal=causal)
-    check_against_reference(results, q, k, v, dout, causal=causal)
+    results = kernel_results(q, k, v, dout, causal=causal)
+    assert_matches_reference(results, q, k, v, dout, causal=causal)
 
 
 def test_long_queries_few_keys():
     """65537 queries over 700 keys, causal (the first 64837 queries see no key: zero output, no NaN)."""
     q, k, v, dout = make_inputs(1, 2, 1, 65537, 700, 64)
-    results = run(q, k, v, dout, causal=True)
-    assert torch.isfinite(results[0]).all() and torch.isfinite(results[2]).all()
-    check_against_reference(results, q, k, v, dout, causal=True)
+    results = kernel_results(q, k, v, dout, causal=True)
+    assert torch.isfinite(results["out"]).all() and torch.isfinite(results["dq"]).all()
+    assert_matches_reference(results, q, k, v, dout, causal=True)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -154,8 +132,8 @@ def test_sixteen_k_square(causal):
     if free < 40 * 2**30:  # other tests may run beside this one (scripts/gpu_check.sh runs shards)
         pytest.skip(f"the float64 reference of a 16k x 16k score matrix needs about 25 GiB; {free / 2**30:.0f} free")
     q, k, v, dout = make_inputs(1, 1, 1, 16411, 16411, 128)
-    results = run(q, k, v, dout, causal=causal)
-    check_against_reference(results, q, k, v, dout, causal=causal)
+    results = kernel_results(q, k, v, dout, causal=causal)
+    assert_matches_reference(results, q, k, v, dout, causal=causal)
 
 
 def _wide_cases():
@@ -174,5 +152,5 @@ def test_wide_heads_every_configuration(kernel, config, dtype, causal, head_dim)
     """Each configuration the pruning keeps for 256-wide tiles must compile, fit and be correct here."""
     q, k, v, dout = make_inputs(2, 4, 2, 1000, 1537, head_dim, dtype=dtype)
     with configs.override(**({} if kernel is None else {kernel: config})):
-        results = run(q, k, v, dout, causal=causal)
-    check_against_reference(results, q, k, v, dout, causal=causal)
+        results = kernel_results(q, k, v, dout, causal=causal)
+    assert_matches_reference(results, q, k, v, dout, causal=causal)

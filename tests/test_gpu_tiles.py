@@ -4,7 +4,7 @@ Without a GPU, Triton's interpreter normally runs one small 32 x 32 tile (``conf
 so the tiles, warps and stages Hopper (``sm_90a``) and Ampere (``sm_80``) use by default and in each
 variant would otherwise only ever run compiled. Here each of them is forced with ``configs.override``,
 which wins over the interpreter's tile, and judged against the float64 reference by the accuracy policy
-(``check_attention``).
+(``attention_checks.check_attention``).
 
 ``num_warps`` and ``num_stages`` change nothing in the interpreter (it runs a program as one sequential
 block of numpy), but the tile sizes and the variant switches do. Entries of the spaces that differ only
@@ -34,18 +34,14 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-import flash_softmax as fs
 from flash_softmax.attention import backward, configs
 from flash_softmax.attention.configs import KernelConfig
-from flash_softmax.testing import GRADIENT_FACTOR, OUTPUT_FACTOR, assert_close, compare
+from flash_softmax.testing import assert_close, compare
 
+from attention_checks import FACTORS, NAMES, check_attention, grads_of, kernel_results, make_inputs, references
 from conftest import DEVICE
-from test_attention import check_attention, make_inputs, run_reference
 
 pytestmark = pytest.mark.gpu_tiles
-
-NAMES = ("out", "lse", "dq", "dk", "dv")
-FACTORS = dict(out=OUTPUT_FACTOR, lse=OUTPUT_FACTOR, dq=GRADIENT_FACTOR, dk=GRADIENT_FACTOR, dv=GRADIENT_FACTOR)
 
 
 # --- space entries, named by tile and variants ---------------------------------------------------------
@@ -156,18 +152,20 @@ def skip_if_not_for_this_device(case: Case) -> None:
             pytest.skip(f"{kernel} {config.label} is an entry of {sorted(arches)} only; this GPU is {arch}")
 
 
-def run_kernels(q, k, v, dout, **options) -> dict[str, torch.Tensor]:
-    """Output, lse and gradients of one forward + backward, from fresh leaves with q, k, v's values."""
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out, lse = fs.flash_attention(*leaves, return_lse=True, **options)
-    out.backward(dout)
-    return dict(zip(NAMES, (out.detach(), lse, *(t.grad for t in leaves))))
-
-
 def checked(q, k, v, dout, **options) -> dict[str, torch.Tensor]:
     """``check_attention`` (float64 truth, accuracy policy), returning the results it judged."""
     out, lse = check_attention(q, k, v, dout=dout, **options)
-    return dict(zip(NAMES, (out.detach(), lse, q.grad, k.grad, v.grad)))
+    return dict(out=out.detach(), lse=lse, **grads_of(q, k, v))
+
+
+def check_forced(case: Case, spy: Spy, q, k, v, dout, options) -> dict[str, KernelConfig]:
+    """``check_attention`` of q, k, v under ``case``'s forced configurations, and that those and only those
+    launched. Returns the forced configurations."""
+    forced = case.forced()
+    with configs.override(**forced):
+        check_attention(q, k, v, dout=dout, **options)
+    spy.assert_forced(forced)
+    return forced
 
 
 def assert_bitwise_equal(first: dict, second: dict, what: str) -> None:
@@ -287,11 +285,7 @@ SPACE_CASES = [
 @pytest.mark.parametrize("case", params(SPACE_CASES))
 def test_space_entries(case, spy):
     skip_if_not_for_this_device(case)
-    forced = case.forced()
-    q, k, v, dout, options = build(case)
-    with configs.override(**forced):
-        check_attention(q, k, v, dout=dout, **options)
-    spy.assert_forced(forced)
+    check_forced(case, spy, *build(case))
 
 
 # --- TMA: descriptors where the layout allows them, pointers where it does not -----------------------------
@@ -329,16 +323,13 @@ TMA_CASES = [
 @pytest.mark.parametrize("case,aligned", [pytest.param(case, aligned, id=case.id) for case, aligned in TMA_CASES])
 def test_tma(case, aligned, spy):
     skip_if_not_for_this_device(case)
-    forced = case.forced()
     q, k, v, dout, options = build(case)
     if case.id.endswith("strided-views"):
         q, k, v = strided_inputs(case)
         assert q.stride(-1) == 1 and not q.is_contiguous()
     # The case is what it claims to be: descriptors can (or cannot) describe these tensors.
     assert configs.tma_layout_ok(q, k, v, dout) == aligned
-    with configs.override(**forced):
-        check_attention(q, k, v, dout=dout, **options)
-    spy.assert_forced(forced)
+    check_forced(case, spy, q, k, v, dout, options)
     tma_grids = [grid for grid in spy.grids if grid.config.tma]
     assert tma_grids, "no launch used a TMA configuration"
     # Aligned: every TMA configuration kept its descriptors; unaligned: each fell back to pointers.
@@ -372,7 +363,7 @@ def test_persistent_grid_gives_the_same_bits_for_any_sm_count(case, spy, monkeyp
             set_sm_count(monkeypatch, count)
             spy.clear()
             results[count] = (checked(q, k, v, dout, **options) if count == SM_COUNTS[0]
-                              else run_kernels(q, k, v, dout, **options))
+                              else kernel_results(q, k, v, dout, **options))
             spy.assert_forced(forced)
             persistent = [grid for grid in spy.grids if grid.config.persistent]
             assert persistent, "no launch used a persistent configuration"
@@ -403,10 +394,7 @@ def test_split_dkdv(case, spy, monkeypatch):
     parts = []
     original = backward.dkdv_parts
     monkeypatch.setattr(backward, "dkdv_parts", lambda config: parts.append(original(config)) or parts[-1])
-    q, k, v, dout, options = build(case)
-    with configs.override(**forced):
-        check_attention(q, k, v, dout=dout, **options)
-    spy.assert_forced(forced)
+    check_forced(case, spy, *build(case))
     # The dK/dV kernel really ran twice: dV alone, then dK alone.
     assert parts == [[dict(COMPUTE_DK=False, COMPUTE_DV=True), dict(COMPUTE_DK=True, COMPUTE_DV=False)]]
 
@@ -438,24 +426,21 @@ def test_gqa_head_splits(case, sm_count, spy, monkeypatch):
         spy.clear()
         split = checked(q, k, v, dout, **options)
         assert spy.head_splits == [expected_splits]  # the backward took the split path
-        again = run_kernels(q, k, v, dout, **options)
+        again = kernel_results(q, k, v, dout, **options)
         assert spy.head_splits == [expected_splits] * 2
         assert_bitwise_equal(split, again, "two split runs")
 
         set_sm_count(monkeypatch, 1)
         spy.clear()
-        unsplit = run_kernels(q, k, v, dout, **options)
+        unsplit = kernel_results(q, k, v, dout, **options)
         assert spy.head_splits == [1]
     spy.assert_forced(forced)
     # Both are judged against the float64 truth, and the split and unsplit results differ by no more
     # than the policy's bound for this case.
-    truth = run_reference(q, k, v, dout, torch.float64, **options)
-    lowp = run_reference(q, k, v, dout, q.dtype, **options)
-    truths = dict(zip(NAMES, (truth[0], truth[1], *truth[2])))
-    lowps = dict(zip(NAMES, (lowp[0], lowp[1], *lowp[2])))
+    truth, lowp = references(q, k, v, dout, **options)
     for name in NAMES:
-        assert_close(name, unsplit[name], truths[name], lowps[name], factor=FACTORS[name])
-        bound = compare(name, split[name], truths[name], lowps[name], factor=FACTORS[name]).bound
+        assert_close(name, unsplit[name], truth[name], lowp[name], factor=FACTORS[name])
+        bound = compare(name, split[name], truth[name], lowp[name], factor=FACTORS[name]).bound
         a, b = split[name].double(), unsplit[name].double()
         # Equal values (the -inf lse of rows that see no key included) differ by 0, NaN counts as inf.
         difference = torch.where(a == b, 0.0, (a - b).abs()).nan_to_num(nan=float("inf")).max().item()
@@ -481,11 +466,7 @@ WS_CASES = [
 @pytest.mark.parametrize("case", params(WS_CASES))
 def test_warp_specialize(case, spy):
     skip_if_not_for_this_device(case)
-    forced = case.forced()
-    q, k, v, dout, options = build(case)
-    with configs.override(**forced):
-        check_attention(q, k, v, dout=dout, **options)
-    spy.assert_forced(forced)
+    forced = check_forced(case, spy, *build(case))
     assert any(config.warp_specialize for config in forced.values())
 
 

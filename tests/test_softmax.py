@@ -1,4 +1,5 @@
-"""softmax / log_softmax kernels against torch in float64, judged by SPEC section 7.
+"""softmax / log_softmax kernels against torch in float64, judged by the accuracy policy (docs/semantics.md,
+'Accuracy policy').
 
 On a CPU these run the real Triton kernels in the interpreter; on a GPU, compiled. Row lengths are chosen
 on both sides of the single-block limit (``configs.single_block_limit()``: 4096 in the interpreter, 16384
@@ -63,7 +64,8 @@ def run_reference(op, x, dim, dy, dtype):
 
 
 def check_op(op, x, dim, check_grad=True, dy=None):
-    """Run the kernel on x (any layout), the float64 truth and the input-dtype reference; assert SPEC 7.
+    """Run the kernel on x (any layout), the float64 truth and the input-dtype reference; assert the
+    accuracy policy for y and (with ``check_grad``) dx.
 
     ``dy`` defaults to a random gradient; it may be passed in any layout.
     """

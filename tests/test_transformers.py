@@ -1,7 +1,8 @@
-"""Hugging Face transformers integration: ``attn_implementation="fs_attention"`` (SPEC section 4).
+"""Hugging Face transformers integration: ``attn_implementation="fs_attention"`` (docs/semantics.md,
+'Drop-in for transformer code').
 
 Tiny randomly initialised models (no downloads) in float32 run the kernels; the truth is the same weights
-in float64, judged by SPEC 7 (float32 within 1e-5 relative of a float64 truth).
+in float64, judged by the accuracy policy (float32 within 1e-5 relative of a float64 truth).
 
 Where batches are left-padded the float64 truth runs transformers' ``"sdpa"`` implementation, not
 ``"eager"``: eager adds ``finfo(float64).min`` to masked scores, which overflows to -inf once a score is
@@ -42,21 +43,25 @@ from flash_softmax.testing import GRADIENT_FACTOR, assert_close  # noqa: E402
 VOCAB = 128
 
 
-@pytest.fixture(scope="module")
-def llama():
-    """A 2-layer Llama with grouped-query attention (4 query heads, 2 KV heads, head dim 16)."""
-    config = LlamaConfig(
+def tiny_model(model_class, config_class, seed: int, **settings):
+    """A ``model_class`` in eval mode, initialised from ``torch.manual_seed(seed)``: ``VOCAB`` tokens, 2
+    layers, grouped-query attention (4 query heads on 2 KV heads), 64 positions, and ``settings``."""
+    config = config_class(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        pad_token_id=0,
+        **settings,
     )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A 2-layer Llama with grouped-query attention (4 query heads, 2 KV heads, head dim 16)."""
+    return tiny_model(LlamaForCausalLM, LlamaConfig, 0, hidden_size=64, intermediate_size=128, pad_token_id=0)
 
 
 def with_attention(model, implementation: str, dtype: torch.dtype):
@@ -180,24 +185,20 @@ def test_greedy_generate_unpadded_matches_eager(llama):
 def test_gemma2_softcap_and_sliding_window_match():
     """Gemma 2 passes ``softcap`` (attn_logit_softcapping) and ``sliding_window`` to the attention; a window
     of 4 over 10 tokens is materialised in the mask. The softcap is small enough to change the result."""
-    config = Gemma2Config(
-        vocab_size=VOCAB,
+    gemma = tiny_model(
+        Gemma2ForCausalLM,
+        Gemma2Config,
+        4,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         query_pre_attn_scalar=1,
         attn_logit_softcapping=0.5,
         final_logit_softcapping=None,
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=64,
         initializer_range=0.2,
     )
-    torch.manual_seed(4)
-    gemma = Gemma2ForCausalLM(config).eval()
     input_ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(5))
     truth = with_attention(gemma, "eager", torch.float64)(input_ids=input_ids).logits
     logits = with_attention(gemma, register(), torch.float32)(input_ids=input_ids).logits
