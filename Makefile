@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Exact versions: torch 2.13.0 is the CPU build on machines without CUDA; Triton 3.6's interpreter
-# fails with numpy >= 2.4.
-REQUIREMENTS := torch==2.13.0 triton==3.6.0 "numpy<2.4" einops rich matplotlib pytest "transformers==5.23.0"
+# fails with numpy >= 2.4. The package itself comes with every extra of pyproject.toml.
+REQUIREMENTS := torch==2.13.0 triton==3.6.0 "numpy<2.4" "transformers==5.23.0"
+EXTRAS := bench,hf,interpreter,test
 # Where `make gpu` writes everything it produces.
 OUT ?= out
 
@@ -13,8 +14,7 @@ OUT ?= out
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(REQUIREMENTS)
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet $(REQUIREMENTS) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,5 +1,5 @@
-"""The ``flash-softmax`` command line (SPEC section 5): ``verify``, ``bench``, ``info``, ``tune`` and
-``compile-report``.
+"""The ``flash-softmax`` command line: ``verify``, ``bench``, ``info``, ``tune`` and ``compile-report``
+(docs/semantics.md, "Command line").
 
 This module only parses arguments; the work lives in :mod:`flash_softmax.verify`,
 :mod:`flash_softmax.bench` and :mod:`flash_softmax.info`. Those are imported lazily, after deciding
@@ -11,6 +11,7 @@ imports triton. That is why this module imports torch only, and not ``flash_soft
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
@@ -20,6 +21,8 @@ import torch
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 ATTENTION_MODES = ("fwd", "bwd", "fwd_bwd")
+#: The attention kernels, as ``tune --kernels`` and ``compile-report --kernels`` name them.
+KERNEL_NAMES = ("forward", "backward_dkdv", "backward_dq")
 
 _TRUE_WORDS = {"true", "on", "yes", "1"}
 _FALSE_WORDS = {"false", "off", "no", "0"}
@@ -32,28 +35,29 @@ CPU_BANNER_WITHOUT_INTERPRETER = (
     "No CUDA GPU found, and TRITON_INTERPRET is off: CPU tensors take the plain PyTorch path, not the\n"
     "Triton kernels. Timings from this machine say nothing about GPU speed."
 )
+NO_NUMPY_NOTE = (
+    "Triton's interpreter needs numpy, which is not installed: pip install 'flash-softmax[interpreter]'\n"
+    "runs the Triton kernels on the CPU."
+)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse prefixes the flag's name to the message)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int, expected: str):
+    """An argparse type: an integer >= ``minimum``; argparse puts the flag's name before the message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _boolean(text: str) -> bool:
@@ -91,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify",
         help="compare the kernels with the reference over a grid of cases; exit 1 on any failure",
-        description="Run the kernels against the float64 reference (SPEC section 7) and print one line "
-        "per case. Exits 1 if any case fails or raises, 0 otherwise.",
+        description="Run the kernels against the float64 reference and print one line per case, judged by "
+        "the accuracy policy (docs/semantics.md, \"Accuracy policy\"). Exits 1 if any case fails or raises, "
+        "0 otherwise. Prints plain text where rich is not installed.",
     )
     size = verify.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="grid", action="store_const", const="quick",
@@ -108,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="time the kernels against other providers; write CSV, env.json and PNG plots",
         description="Sweep shapes over providers, print a table and write <op>.csv, env.json and plots to "
-        "benchmarks/results/<device>/ (or --out).",
+        "benchmarks/results/<device>/ (or --out). Needs rich and matplotlib: pip install 'flash-softmax[bench]'. "
+        "Without a GPU the figures time Triton's interpreter (or the PyTorch path) on the CPU and are not speed "
+        "claims.",
     )
     bench.add_argument("--op", choices=("attention", "softmax", "log_softmax"), default="attention",
                        help="which op to time")
@@ -125,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows", type=_positive_int, help="fix the row count (--op softmax / log_softmax)")
     bench.add_argument("--out", metavar="DIR", help="output folder (default benchmarks/results/<device-slug>)")
     bench.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    bench.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="torch threads for the run, recorded in env.json and the CSV (default: the cores "
+                       "available to this process)")
     bench.add_argument("--host-overhead", action="store_true",
                        help="instead of timing kernels, time the Python work per attention call (fwd, fwd_bwd) "
                        "on the compiled-GPU path with every kernel launch a no-op; writes host_overhead.csv")
@@ -151,10 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, default=["bfloat16"], metavar="DTYPE",
                         help="dtypes to compile (default bfloat16)")
     report.add_argument("--head-dims", type=_positive_int, nargs="+", default=[64, 128, 256], metavar="D")
-    report.add_argument("--kernels", nargs="+", metavar="NAME",
-                        choices=("attention_forward", "attention_backward_dkdv", "attention_backward_dq"),
-                        help="kernels to compile: attention_forward, attention_backward_dkdv, attention_backward_dq "
-                        "(default: all)")
+    report.add_argument("--kernels", nargs="+", metavar="NAME", choices=KERNEL_NAMES,
+                        help=f"kernels to compile: {', '.join(KERNEL_NAMES)} (default: all)")
     report.add_argument("--causal", type=_boolean, nargs="+", default=[True], metavar="BOOL",
                         help="causal settings to compile, e.g. --causal false true (default true)")
     selection = report.add_mutually_exclusive_group()
@@ -176,8 +184,8 @@ def _add_tune_parser(commands) -> None:
         "all three kernels, bfloat16 and float16, head dims 64 128 256, causal false and true, lengths "
         "1024..16384 at 16k tokens per batch and 2048 hidden.",
     )
-    tune.add_argument("--kernels", nargs="+", choices=("forward", "backward_dkdv", "backward_dq"), metavar="NAME",
-                      help="kernels to tune: forward, backward_dkdv, backward_dq (default: all)")
+    tune.add_argument("--kernels", nargs="+", choices=KERNEL_NAMES, metavar="NAME",
+                      help=f"kernels to tune: {', '.join(KERNEL_NAMES)} (default: all)")
     tune.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, metavar="DTYPE",
                       help="dtypes to tune (default: bfloat16 float16)")
     tune.add_argument("--head-dims", type=_positive_int, nargs="+", metavar="D",
@@ -227,16 +235,25 @@ def _interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in {"1", "true", "yes", "on", "y"}
 
 
+def _numpy_installed() -> bool:
+    """Whether numpy can be imported: Triton's interpreter runs every kernel program in numpy."""
+    try:
+        return importlib.util.find_spec("numpy") is not None
+    except ImportError:  # an import hook that refuses it
+        return False
+
+
 def _prepare_triton(argv: list[str], restart_allowed: bool) -> bool:
     """Put Triton in interpreter mode when there is no GPU; return whether a CUDA GPU is present.
 
-    An explicit ``TRITON_INTERPRET`` in the environment is respected. The switch only takes effect for
-    kernels decorated after it is set, and importing ``flash_softmax.cli`` runs the package's
+    An explicit ``TRITON_INTERPRET`` in the environment is respected, and without numpy (which the
+    interpreter needs, and the package does not) CPU tensors keep the PyTorch path. The switch only takes
+    effect for kernels decorated after it is set, and importing ``flash_softmax.cli`` runs the package's
     ``__init__`` first, which may already have built them. So when triton is already loaded and this is
     the real entry point, the process restarts itself once with the variable set.
     """
     on_gpu = torch.cuda.is_available()
-    if not on_gpu and "TRITON_INTERPRET" not in os.environ:
+    if not on_gpu and "TRITON_INTERPRET" not in os.environ and _numpy_installed():
         triton_already_loaded = "triton" in sys.modules
         os.environ["TRITON_INTERPRET"] = "1"
         if triton_already_loaded and restart_allowed:
@@ -256,9 +273,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "compile-report":
         return _compile_report(args, argv, restart_allowed=from_entry_point)
-    on_gpu = _prepare_triton(argv, restart_allowed=from_entry_point)
+    if args.command == "info":
+        # info describes the environment as the user's programs see it: switching the interpreter on
+        # here, as the commands that run kernels do, would make it report a path they do not take.
+        on_gpu = torch.cuda.is_available()
+    else:
+        on_gpu = _prepare_triton(argv, restart_allowed=from_entry_point)
     if not on_gpu:
         print(CPU_BANNER if _interpreter_requested() else CPU_BANNER_WITHOUT_INTERPRETER, flush=True)
+        if not _numpy_installed():
+            print(NO_NUMPY_NOTE, flush=True)
     command_line = shlex.join(["flash-softmax", *argv])
     try:
         if args.command == "verify":
@@ -278,6 +302,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return info.run()
     except ValueError as error:
         print(f"flash-softmax {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:
+        from flash_softmax.bench.output import MissingExtraError
+
+        if not isinstance(error, MissingExtraError):
+            raise
+        print(f"{error}", file=sys.stderr)  # says what is missing and which extra brings it
         return 2
 
 

@@ -64,8 +64,12 @@ def git_commit() -> dict[str, object] | None:
 
 def versions() -> dict[str, str | None]:
     """Versions of python and the libraries the kernels depend on."""
-    import numpy
     import triton
+
+    try:
+        import numpy  # only Triton's interpreter needs it
+    except ImportError:
+        numpy = None
 
     import flash_softmax
 
@@ -73,7 +77,7 @@ def versions() -> dict[str, str | None]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "numpy": numpy.__version__,
+        "numpy": numpy.__version__ if numpy is not None else None,
         "flash_softmax": flash_softmax.__version__,
         "cuda": torch.version.cuda,
     }
@@ -201,41 +205,33 @@ def environment(command_line: str | None = None) -> dict[str, object]:
 
 
 def run() -> int:
-    """Print the report of ``flash-softmax info``; return the exit status (always 0)."""
-    from rich.table import Table
-
-    from flash_softmax.bench.output import make_console
+    """Print the report of ``flash-softmax info``; return the exit status (always 0). Plain text where
+    rich (an optional extra) is not installed."""
+    from flash_softmax.bench.output import make_console, print_table
 
     console = make_console()  # wide when written to a file, so paths are not wrapped
-    table = Table(title="flash_softmax", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value")
-    for name, version in versions().items():
-        table.add_row(name, str(version) if version else "-")
-    table.add_row("device", device_name())
-    table.add_row("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset"))
+    facts = [(name, str(version) if version else "-") for name, version in versions().items()]
+    facts += [("device", device_name()), ("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset"))]
     commit = git_commit()
     if commit is not None:
-        table.add_row("git commit", commit["commit"] + (" (modified)" if commit["modified"] else ""))
-    table.add_row("config table", config_table())
-    table.add_row("FLASH_SOFTMAX_AUTOTUNE", "on" if autotune_enabled() else "off")
-    console.print(table)
+        facts.append(("git commit", commit["commit"] + (" (modified)" if commit["modified"] else "")))
+    facts += [("config table", config_table()), ("FLASH_SOFTMAX_AUTOTUNE", "on" if autotune_enabled() else "off")]
+    plain = [None] * len(facts)
+    print_table(console, "flash_softmax", ("what", "value"), facts, styles=plain, left_aligned=("what", "value"))
 
-    routes = Table(title="what runs each op (flash_softmax.stats() counts calls by the same names)")
-    for column in ("device", "op", "entry points", "path", "why", "configs"):
-        routes.add_column(column, overflow="fold")
-    for row in paths():
-        routes.add_row(row["device"], row["op"], row["entry"], row["path"], row["why"], row["configs"])
-    console.print(routes)
+    routes = [(row["device"], row["op"], row["entry"], row["path"], row["why"], row["configs"]) for row in paths()]
+    columns = ("device", "op", "entry points", "path", "why", "configs")
+    print_table(console, "what runs each op (flash_softmax.stats() counts calls by the same names)", columns, routes,
+                styles=[None] * len(routes), left_aligned=columns)
 
     if set(backends().values()) == {"torch"}:
         console.print("attention configurations: none, no tensor on this machine runs the kernels (see above)")
         return 0
-    shapes = Table(title=f"attention configurations on {device_name()}")
-    for column in ("shape", "kernel", "config", "source"):
-        shapes.add_column(column)
+    shapes = []
     for row in attention_configs():
         shape = f"{row['dtype']} D={row['head_dim']} {'causal' if row['causal'] else 'full'} S={row['seqlen']}"
-        shapes.add_row(shape, row["kernel"], row["config"], row["source"])
-    console.print(shapes)
+        shapes.append((shape, row["kernel"], row["config"], row["source"]))
+    columns = ("shape", "kernel", "config", "source")
+    print_table(console, f"attention configurations on {device_name()}", columns, shapes,
+                styles=[None] * len(shapes), left_aligned=columns)
     return 0

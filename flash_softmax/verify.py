@@ -1,10 +1,11 @@
-"""``flash-softmax verify``: the kernels against the reference over a grid of cases (SPEC section 7).
+"""``flash-softmax verify``: the kernels against the reference over a grid of cases.
 
 Every case runs the kernel, the float64 truth and the reference computed in the input dtype
 (``upcast=False``) on the same random inputs, and judges the forward output, the lse and the input
 gradients with :func:`flash_softmax.testing.compare`: a low-precision result passes when its max error
 is at most 2x (outputs, lse) or 3x (gradients) the input-dtype reference's own error; float32 results
-must be within 1e-5 relative of the float64 truth.
+must be within 1e-5 relative of the float64 truth (docs/semantics.md, "Accuracy policy"). The report is
+a rich table where rich is installed and plain text otherwise.
 
 The cases are data: :data:`QUICK_ATTENTION` / :data:`FULL_ATTENTION_*` and the softmax lists below. A
 case may need an option the kernels gain later (sliding window, softcap, bias, grouped heads, a value
@@ -413,63 +414,57 @@ def _format_error(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2e}"
 
 
+_COLUMNS = ["case", "checked", "worst", "max error", "ref. error", "ratio", "result", "seconds"]
+_CAPTION = ("ratio: max error over the bound (2x the reference's own low-precision error for outputs, 3x for "
+            "gradients; 1e-5 relative for float32); pass when <= 1")
+
+
+def _table_row(result: CaseResult) -> list[str]:
+    worst = result.worst()
+    if result.error is not None or worst is None:
+        return [result.label, "", "", "", "", "", f"ERROR {result.error}", f"{result.seconds:.1f}"]
+    return [
+        result.label, " ".join(c.name for c in result.comparisons), worst.name, _format_error(worst.max_error),
+        _format_error(worst.reference_error), f"{worst.ratio:.2f}", "pass" if result.passed else "FAIL",
+        f"{result.seconds:.1f}",
+    ]
+
+
 def run(args: argparse.Namespace, *, on_gpu: bool) -> int:
     """Run ``flash-softmax verify``; return 1 if any case fails or raises, else 0."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.markup import escape
-    from rich.table import Table
-
     from flash_softmax._backend import backend_for
-    from flash_softmax.bench.output import make_console
+    from flash_softmax.bench import output
 
-    console = make_console()
+    console = output.make_console()
     device = torch.device("cuda" if on_gpu else "cpu")
     cases, description = select_cases(args, on_gpu)
-    features = attention_features(kernel("attention"), device) if "attention" in args.ops else set()
+    with output.quiet_interpreter():  # the probe runs the kernel on tiny inputs
+        features = attention_features(kernel("attention"), device) if "attention" in args.ops else set()
     runnable = [case for case in cases if case.requires() <= features]
     missing = sorted(set().union(*(case.requires() - features for case in cases)))
-    console.print(f"verify: {len(runnable)} cases from {description} on {device} ({backend_for(device)})")
+    console.print(f"verify: {len(runnable)} cases from {description} on {device} ({backend_for(device)})",
+                  markup=False)
 
     results: list[CaseResult] = []
-    with warnings.catch_warnings(), Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
-    ) as progress:
-        # The interpreter takes log(0) for fully masked rows on purpose; numpy's warning about it is noise.
-        warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
-        task = progress.add_task("verify", total=len(runnable))
+    with output.progress(console, "verify", len(runnable)) as step:
         for index, case in enumerate(runnable):
-            progress.update(task, description=case.label)
             results.append(run_case(case, device, seed=args.seed + index))
-            progress.advance(task)
+            step(case.label)
 
-    table = Table(title=f"flash-softmax verify ({description}, {device})", header_style="bold")
-    for column, justify in (("case", "left"), ("checked", "left"), ("worst", "left"), ("max error", "right"),
-                            ("ref. error", "right"), ("ratio", "right"), ("result", "left"), ("seconds", "right")):
-        table.add_column(column, justify=justify)
-    for result in results:
-        worst = result.worst()
-        if result.error is not None or worst is None:
-            table.add_row(escape(result.label), "", "", "", "", "", escape(f"ERROR {result.error}"),
-                          f"{result.seconds:.1f}", style="red")
-            continue
-        table.add_row(
-            escape(result.label), " ".join(c.name for c in result.comparisons), worst.name,
-            _format_error(worst.max_error), _format_error(worst.reference_error), f"{worst.ratio:.2f}",
-            "pass" if result.passed else "FAIL", f"{result.seconds:.1f}", style=None if result.passed else "red",
-        )
-    table.caption = ("ratio: max error over the bound (2x the reference's own low-precision error for outputs, "
-                     "3x for gradients; 1e-5 relative for float32); pass when <= 1")
-    console.print(table)
+    rows = [_table_row(result) for result in results]
+    output.print_table(console, f"flash-softmax verify ({description}, {device})", _COLUMNS, rows,
+                       caption=_CAPTION, styles=[None if result.passed else "red" for result in results],
+                       left_aligned=("case", "checked", "worst", "result"))
 
     failures = [result for result in results if not result.passed]
     for result in failures:
         for comparison in result.comparisons:
             if not comparison.passed:
-                console.print(f"[red]{escape(result.label)}[/red]: {escape(str(comparison))}")
+                console.print(f"{result.label}: {comparison}", style="red", markup=False)
     if missing:
-        console.print(f"not run, the kernel does not offer: {', '.join(missing)}")
+        console.print(f"not run, the kernel does not offer: {', '.join(missing)}", markup=False)
     total_seconds = sum(result.seconds for result in results)
-    verdict = "[red]FAILED[/red]" if failures else "[green]all passed[/green]"
-    console.print(f"{len(results) - len(failures)}/{len(results)} cases passed in {total_seconds:.1f} s: {verdict}")
+    verdict = "FAILED" if failures else "all passed"
+    console.print(f"{len(results) - len(failures)}/{len(results)} cases passed in {total_seconds:.1f} s: {verdict}",
+                  style="red" if failures else "green", markup=False)
     return 1 if failures else 0

@@ -18,16 +18,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from flash_softmax import cli, reference, verify
+from flash_softmax import bench, cli, reference, verify
 from flash_softmax.bench import attention as bench_attention
 from flash_softmax.bench import providers
 from flash_softmax.bench.timing import time_cpu
 from flash_softmax.info import device_slug
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ON_GPU = torch.cuda.is_available()
+# On a GPU each row also compares the provider with flash_softmax; without one there is no speed to compare.
+SPEEDUP = ["fs_speedup"] if ON_GPU else []
 ATTENTION_COLUMNS = ["provider", "mode", "causal", "dtype", "batch", "heads", "seqlen_q", "seqlen_k", "head_dim",
-                     "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", "status"]
-SOFTMAX_COLUMNS = ["provider", "mode", "dtype", "rows", "cols", "ms_median", "ms_p20", "ms_p80", "gbps", "status"]
+                     "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", *SPEEDUP, "threads", "status"]
+SOFTMAX_COLUMNS = ["provider", "mode", "dtype", "rows", "cols", "ms_median", "ms_p20", "ms_p80", "gbps", *SPEEDUP,
+                   "threads", "status"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,6 +58,15 @@ def test_parser_reads_every_flag():
     args = cli.build_parser().parse_args(["verify", "--full", "--ops", "softmax"])
     assert (args.command, args.grid, args.ops, args.seqlens) == ("verify", "full", ["softmax"], None)
 
+    assert cli.build_parser().parse_args(["bench", "--threads", "3"]).threads == 3
+    assert cli.build_parser().parse_args(["bench"]).threads is None  # the run picks the process's cores
+
+
+def test_tune_and_compile_report_name_the_kernels_alike():
+    kernels = ["forward", "backward_dkdv", "backward_dq"]
+    for command in ("tune", "compile-report"):
+        assert cli.build_parser().parse_args([command, "--kernels", *kernels]).kernels == kernels
+
 
 @pytest.mark.parametrize(
     "argv,flag,expected",
@@ -64,6 +77,9 @@ def test_parser_reads_every_flag():
         (["bench", "--dtypes", "float64"], "--dtypes", "invalid choice"),
         (["bench", "--modes", "backward"], "--modes", "invalid choice"),
         (["verify", "--quick", "--full"], "--full", "not allowed"),
+        (["bench", "--threads", "0"], "--threads", "positive integer"),
+        (["bench", "--window", "-2"], "--window", "integer >= 0"),
+        (["compile-report", "--kernels", "attention_forward"], "--kernels", "invalid choice"),
     ],
 )
 def test_parser_rejects_bad_values_naming_the_flag(argv, flag, expected, capsys):
@@ -92,10 +108,13 @@ def test_semantic_errors_exit_2_with_an_actionable_message(argv, message, capsys
 # ------------------------------------------------------------------------------------------ bench
 
 
-def test_bench_attention_writes_csv_env_and_plots(tmp_path):
+def test_bench_attention_writes_csv_env_and_plots(tmp_path, capsys):
     argv = ["bench", "--seqlens", "16", "40", "--head-dims", "16", "--causal", "true", "--modes", "fwd", "bwd",
-            "--providers", "flash_softmax", "sdpa_math", "naive", "--out", str(tmp_path)]
+            "--providers", "flash_softmax", "sdpa_math", "naive", "--threads", "1", "--out", str(tmp_path)]
+    threads_before = torch.get_num_threads()
     assert cli.main(argv) == 0
+    assert torch.get_num_threads() == threads_before  # pinned for the run, then given back
+    printed = capsys.readouterr().out
 
     columns, rows = read_csv(tmp_path / "attention.csv")
     assert columns == ATTENTION_COLUMNS
@@ -103,25 +122,48 @@ def test_bench_attention_writes_csv_env_and_plots(tmp_path):
     assert {row["provider"] for row in rows} == {"flash_softmax", "sdpa_math", "naive"}
     for row in rows:
         assert row["status"] == "ok", row
+        assert row["threads"] == "1"
         median, p20, p80 = float(row["ms_median"]), float(row["ms_p20"]), float(row["ms_p80"])
         assert 0 < p20 <= median <= p80
         config = bench_attention.AttentionConfig(
             row["mode"], row["causal"] == "true", row["dtype"], int(row["batch"]), int(row["heads"]),
             int(row["seqlen_q"]), int(row["seqlen_k"]), int(row["head_dim"]))
-        assert config.causal and (config.batch, config.heads) == (1, 2)  # the CPU defaults
         assert float(row["tflops"]) == pytest.approx(config.flops() / (median * 1e-3) / 1e12, rel=1e-9)
-        assert row["peak_mem_mib"] == ""  # measured on CUDA only
+        if not ON_GPU:
+            assert config.causal and (config.batch, config.heads) == (1, 2)  # the CPU defaults
+            assert row["peak_mem_mib"] == ""  # measured on CUDA only
 
     env = json.loads((tmp_path / "env.json").read_text())
-    for key in ("gpu", "driver", "cuda", "torch", "triton", "git", "date", "command"):
+    for key in ("gpu", "driver", "cuda", "torch", "triton", "git", "date", "command", "threads"):
         assert key in env
     assert env["torch"] == torch.__version__ and env["command"].startswith("flash-softmax bench --seqlens 16 40")
+    assert env["threads"] == 1
     assert socket.gethostname() not in (tmp_path / "env.json").read_text()
 
-    plots = sorted(tmp_path.glob("*.png"))
-    assert [p.name for p in plots] == ["attention_memory_float16.png", "attention_tflops_float16.png"]
-    for plot in plots:
+    plots = sorted(p.name for p in tmp_path.glob("*.png"))
+    if ON_GPU:
+        assert plots == ["attention_memory_float16.png", "attention_tflops_float16.png", "attention_time_float16.png"]
+        assert "fs speed-up" in printed
+    else:
+        # No memory figure where memory is not measured, and no speed comparison: the banner says why.
+        assert plots == ["attention_tflops_float16.png", "attention_time_float16.png"]
+        assert "no attention_memory_float16.png: peak memory is measured on CUDA only" in printed
+        assert bench.cpu_banner() in printed and "not speed claims" in printed
+        assert "speed-up" not in printed and "speedup" not in printed
+        assert env["note"] == bench.cpu_banner()
+    for plot in tmp_path.glob("*.png"):
         assert plot.read_bytes().startswith(PNG_SIGNATURE) and plot.stat().st_size > 10_000
+
+
+def test_bench_threads_default_to_the_cores_of_the_process(tmp_path):
+    argv = ["bench", "--op", "softmax", "--cols", "64", "--rows", "2", "--modes", "fwd", "--providers", "torch",
+            "--out", str(tmp_path), "--no-plots"]
+    assert cli.main(argv) == 0
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert bench.default_threads() == expected
+    assert json.loads((tmp_path / "env.json").read_text())["threads"] == expected
+    _, rows = read_csv(tmp_path / "softmax.csv")
+    assert [row["threads"] for row in rows] == [str(expected)]
 
 
 def _raise_out_of_memory(config, q, k, v):
@@ -186,7 +228,8 @@ def test_bench_softmax_writes_its_csv_and_plot(tmp_path):
         tensors_moved = {"fwd": 2, "bwd": 3}[row["mode"]]
         bytes_moved = tensors_moved * int(row["rows"]) * int(row["cols"]) * 2  # float16
         assert float(row["gbps"]) == pytest.approx(bytes_moved / (float(row["ms_median"]) * 1e-3) / 1e9, rel=1e-9)
-    assert (tmp_path / "softmax_gbps_float16.png").read_bytes().startswith(PNG_SIGNATURE)
+    for name in ("softmax_gbps_float16.png", "softmax_time_float16.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
     assert (tmp_path / "env.json").exists()
 
 
@@ -393,10 +436,11 @@ def test_python_m_flash_softmax_help():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter switch only applies without a GPU")
 def test_entry_point_switches_to_the_interpreter_without_being_told():
-    """Started without TRITON_INTERPRET, the command still runs the kernels in the interpreter."""
+    """Started without TRITON_INTERPRET, a command that runs kernels still runs them, in the interpreter
+    (``info`` does not switch: it reports the environment as it is; see tests/test_transparency.py)."""
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "flash_softmax", "info"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=180, env=environment)
+    done = subprocess.run([sys.executable, "-m", "flash_softmax", "verify", "--ops", "softmax", "--dtypes", "float32"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, env=environment)
     assert done.returncode == 0, done.stderr
     assert "Triton's interpreter" in done.stdout
-    assert "triton-interpreter" in done.stdout
+    assert "(triton-interpreter)" in done.stdout

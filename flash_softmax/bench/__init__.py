@@ -5,20 +5,21 @@ The sweep itself lives in :mod:`~flash_softmax.bench.attention` and :mod:`~flash
 :mod:`~flash_softmax.bench.sweep` and :mod:`~flash_softmax.bench.timing` (measuring without stopping on
 failures), and :mod:`~flash_softmax.bench.output` (table, CSV, ``env.json``, plots).
 :mod:`~flash_softmax.bench.host_overhead` (``--host-overhead``) times the Python work of one attention call
-with the kernel launches removed instead. This module ties them to the command line.
+with the kernel launches removed instead. This module ties them to the command line, pins torch's thread
+count for the run, and, without a GPU, marks every table and figure as no speed claim and leaves the
+speed-up comparison out. It needs the ``bench`` extra (rich and matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
-import warnings
+import os
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flash_softmax.bench import attention, host_overhead, output, providers, softmax
-from flash_softmax.bench.sweep import Result, speedups
+from flash_softmax.bench.sweep import Result, run_sweep, speedups
 from flash_softmax.info import device_name, device_slug, environment
 
 #: Flags that only make sense for one op; giving them to the other is an error rather than ignored.
@@ -26,10 +27,31 @@ _ATTENTION_ONLY_FLAGS = {"seqlens": "--seqlens", "head_dims": "--head-dims", "ca
                          "batch": "--batch", "heads": "--heads", "gqa": "--gqa", "window": "--window"}
 _SOFTMAX_ONLY_FLAGS = {"cols": "--cols", "rows": "--rows"}
 
+#: The column of the printed table (and, on a GPU, of the CSV) that compares each provider with ours.
+SPEEDUP_COLUMN = "fs speed-up"
+SPEEDUP_CAPTION = "fs speed-up: this provider's time over flash_softmax's (>1: flash_softmax is faster)"
+
 
 def default_output_dir() -> Path:
     """``benchmarks/results/<device-slug>`` under the current directory (``interpreter`` on the CPU)."""
     return Path("benchmarks") / "results" / device_slug()
+
+
+def default_threads() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or ``taskset`` narrows),
+    falling back to the machine's count where the platform has no affinity."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_banner() -> str:
+    """What every table and figure of a run without CUDA says: its numbers are not GPU speed."""
+    from flash_softmax._backend import INTERPRETED
+
+    engine = ("Triton's interpreter running the kernels program by program" if INTERPRETED
+              else "the PyTorch path (TRITON_INTERPRET is off)")
+    return f"No GPU: these figures time {engine} on a CPU. They are not speed claims."
 
 
 def _reject_flags_of_other_op(args: argparse.Namespace) -> None:
@@ -39,80 +61,107 @@ def _reject_flags_of_other_op(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} does not apply to --op {args.op}; it was given {getattr(args, attribute)}")
 
 
-def _format_speedup(speedup: float | None) -> str:
-    return "-" if speedup is None else f"{output.format_number(speedup)}x"
-
-
-def _attention_table_row(record: dict[str, object], speedup: float | None, detail: str) -> list[str]:
-    ms = output.format_number(record["ms_median"])
+def _time_cell(record: dict[str, object]) -> str:
+    """The median with the 20th-80th percentile range, e.g. ``1.23 (1.2-1.3)``."""
+    cell = output.format_number(record["ms_median"])
     if record["ms_median"] is not None:
-        ms += f" ({output.format_number(record['ms_p20'])}-{output.format_number(record['ms_p80'])})"
+        cell += f" ({output.format_number(record['ms_p20'])}-{output.format_number(record['ms_p80'])})"
+    return cell
+
+
+def _attention_cells(record: dict[str, object]) -> list[str]:
     return [
         record["provider"], record["mode"], "yes" if record["causal"] else "no", record["dtype"],
-        str(record["batch"]), str(record["heads"]), str(record["seqlen_q"]), str(record["head_dim"]), ms,
-        output.format_number(record["tflops"]), output.format_number(record["peak_mem_mib"], 4),
-        _format_speedup(speedup),
-        record["status"] + (f" ({detail})" if detail else ""),
+        str(record["batch"]), str(record["heads"]), str(record["seqlen_q"]), str(record["head_dim"]),
+        _time_cell(record), output.format_number(record["tflops"]), output.format_number(record["peak_mem_mib"], 4),
     ]
 
 
-def _softmax_table_row(record: dict[str, object], speedup: float | None, detail: str) -> list[str]:
-    ms = output.format_number(record["ms_median"])
-    if record["ms_median"] is not None:
-        ms += f" ({output.format_number(record['ms_p20'])}-{output.format_number(record['ms_p80'])})"
-    return [
-        record["provider"], record["mode"], record["dtype"], str(record["rows"]), str(record["cols"]), ms,
-        output.format_number(record["gbps"]), _format_speedup(speedup),
-        record["status"] + (f" ({detail})" if detail else ""),
-    ]
+def _softmax_cells(record: dict[str, object]) -> list[str]:
+    return [record["provider"], record["mode"], record["dtype"], str(record["rows"]), str(record["cols"]),
+            _time_cell(record), output.format_number(record["gbps"])]
 
+
+_SOFTMAX_COLUMNS = ["provider", "mode", "dtype", "rows", "cols", "ms (p20-p80)", "GB/s"]
 
 _OPS = {
     "attention": {
         "module": attention,
         "registry": lambda: providers.ATTENTION_PROVIDERS,
         "columns": ["provider", "mode", "causal", "dtype", "B", "H", "S", "D", "ms (p20-p80)", "TFLOP/s",
-                    "peak MiB", "fs speed-up", "status"],
-        "table_row": _attention_table_row,
+                    "peak MiB"],
+        "cells": _attention_cells,
     },
     "softmax": {
         "module": softmax,
         "registry": lambda: providers.SOFTMAX_PROVIDERS,
-        "columns": ["provider", "mode", "dtype", "rows", "cols", "ms (p20-p80)", "GB/s", "fs speed-up", "status"],
-        "table_row": _softmax_table_row,
+        "columns": _SOFTMAX_COLUMNS,
+        "cells": _softmax_cells,
     },
     # The same sweep and CSV columns as softmax, over the log_softmax providers (written to log_softmax.csv).
     "log_softmax": {
         "module": softmax,
         "registry": lambda: providers.LOG_SOFTMAX_PROVIDERS,
-        "columns": ["provider", "mode", "dtype", "rows", "cols", "ms (p20-p80)", "GB/s", "fs speed-up", "status"],
-        "table_row": _softmax_table_row,
+        "columns": _SOFTMAX_COLUMNS,
+        "cells": _softmax_cells,
     },
 }
 
 
-def _write_plots(op: str, records: list[dict[str, object]], out_dir: Path) -> list[Path]:
-    """TFLOP/s and peak memory against seqlen (attention) or GB/s against cols (softmax), one PNG per dtype."""
-    device = device_name() if torch.cuda.is_available() else "Triton interpreter on CPU, not GPU speed"
-    paths = []
+def csv_columns(columns: tuple[str, ...], on_gpu: bool) -> tuple[str, ...]:
+    """An op's CSV columns for this device: on a GPU ``fs_speedup`` joins them (before ``threads`` and
+    ``status``, which stays last); without one there is no speed to compare."""
+    if not on_gpu:
+        return columns
+    where = columns.index("threads")
+    return (*columns[:where], "fs_speedup", *columns[where:])
+
+
+def table_rows(op: str, records: list[dict[str, object]], details: list[str], on_gpu: bool) -> tuple[list, list]:
+    """The printed table's columns and rows: the op's cells, the speed-up on a GPU, and the status with
+    its detail."""
+    spec = _OPS[op]
+    columns = [*spec["columns"], *([SPEEDUP_COLUMN] if on_gpu else []), "status"]
+    rows = []
+    for record, detail in zip(records, details):
+        speedup = record.get("fs_speedup")
+        speedup_cells = ["-" if speedup is None else f"{output.format_number(speedup)}x"] if on_gpu else []
+        status = record["status"] + (f" ({detail})" if detail else "")
+        rows.append([*spec["cells"](record), *speedup_cells, status])
+    return columns, rows
+
+
+def _write_plots(op: str, records: list[dict[str, object]], out_dir: Path, banner: str | None) -> tuple[list, list]:
+    """Per dtype: time per call and TFLOP/s (attention) or GB/s (softmax) against the length, and peak
+    memory where it was measured. Returns the files written and a line for each figure left out."""
+    device = device_name() if torch.cuda.is_available() else "CPU"
+    written, left_out = [], []
     for dtype in dict.fromkeys(record["dtype"] for record in records):
         subset = [record for record in records if record["dtype"] == dtype]
         if op == "attention":
             common = dict(x="seqlen_q", x_label="sequence length", panel_rows=("head_dim", "causal"),
-                          panel_column="mode")
-            paths.append(output.plot_metric(
-                subset, out_dir / f"attention_tflops_{dtype}.png", metric="tflops", metric_label="TFLOP/s",
-                title=f"attention {dtype}, {device}", **common))
-            paths.append(output.plot_metric(
-                subset, out_dir / f"attention_memory_{dtype}.png", metric="peak_mem_mib",
-                metric_label="peak memory (MiB)", title=f"attention peak memory {dtype}, {device}",
-                empty_note="peak memory is measured on CUDA only", **common))
+                          panel_column="mode", banner=banner)
+            figures = [
+                ("time", dict(metric="ms_median", metric_label="ms per call", title=f"attention time {dtype}, {device}")),
+                ("tflops", dict(metric="tflops", metric_label="TFLOP/s", title=f"attention {dtype}, {device}")),
+                ("memory", dict(metric="peak_mem_mib", metric_label="peak memory (MiB)",
+                                title=f"attention peak memory {dtype}, {device}")),
+            ]
         else:
-            paths.append(output.plot_metric(
-                subset, out_dir / f"{op}_gbps_{dtype}.png", metric="gbps", metric_label="GB/s",
-                x="cols", x_label="row length (cols)", panel_rows=(), panel_column="mode",
-                title=f"{op} {dtype}, {device}"))
-    return paths
+            common = dict(x="cols", x_label="row length (cols)", panel_rows=(), panel_column="mode", banner=banner)
+            figures = [
+                ("time", dict(metric="ms_median", metric_label="ms per call", title=f"{op} time {dtype}, {device}")),
+                ("gbps", dict(metric="gbps", metric_label="GB/s", title=f"{op} {dtype}, {device}")),
+            ]
+        for name, options in figures:
+            path = output.plot_metric(subset, out_dir / f"{op}_{name}_{dtype}.png", **common, **options)
+            if path is not None:
+                written.append(path)
+            elif name == "memory":
+                left_out.append(f"no {op}_{name}_{dtype}.png: peak memory is measured on CUDA only")
+            else:
+                left_out.append(f"no {op}_{name}_{dtype}.png: no successful measurement to draw")
+    return written, left_out
 
 
 #: Sweep flags that mean nothing to ``--host-overhead`` (which times one fixed attention call per case).
@@ -120,7 +169,7 @@ _NOT_HOST_OVERHEAD_FLAGS = {"providers": "--providers", "gqa": "--gqa", "window"
                             "rows": "--rows"}
 
 
-def _run_host_overhead(args: argparse.Namespace, on_gpu: bool) -> int:
+def _run_host_overhead(args: argparse.Namespace, on_gpu: bool, threads: int) -> int:
     if args.op != "attention":
         raise ValueError(f"--host-overhead times attention calls only; it was given --op {args.op}")
     for attribute, flag in _NOT_HOST_OVERHEAD_FLAGS.items():
@@ -128,19 +177,37 @@ def _run_host_overhead(args: argparse.Namespace, on_gpu: bool) -> int:
             raise ValueError(f"{flag} does not apply to --host-overhead; it was given {getattr(args, attribute)}")
     out_dir = Path(args.out) if args.out else default_output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    return host_overhead.run(args, on_gpu=on_gpu, out_dir=out_dir)
+    return host_overhead.run(args, on_gpu=on_gpu, out_dir=out_dir, threads=threads)
 
 
 def run(args: argparse.Namespace, *, on_gpu: bool, command_line: str) -> int:
     """Run ``flash-softmax bench``; return 1 when a flash_softmax measurement raised an error, else 0.
 
     Out-of-memory and unsupported rows of any provider, and errors of the other providers, are reported
-    in the table and the CSV but do not change the exit status.
+    in the table and the CSV but do not change the exit status. torch runs on ``--threads`` threads
+    (default: the cores available to the process) for the whole run, and gets its previous count back
+    afterwards.
+
+    Raises:
+        MissingExtraError: rich or matplotlib is not installed (``pip install 'flash-softmax[bench]'``).
+        ValueError: flags that contradict each other or name unknown providers.
     """
-    if args.host_overhead:
-        return _run_host_overhead(args, on_gpu)
-    if args.calls is not None:
-        raise ValueError(f"--calls applies to --host-overhead only; it was given {args.calls}")
+    for module_name in ("rich", "matplotlib"):
+        output.require(module_name, "bench", "flash-softmax bench")
+    threads = default_threads() if args.threads is None else args.threads
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if args.host_overhead:
+            return _run_host_overhead(args, on_gpu, threads)
+        if args.calls is not None:
+            raise ValueError(f"--calls applies to --host-overhead only; it was given {args.calls}")
+        return _run_sweep(args, on_gpu, command_line, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_sweep(args: argparse.Namespace, on_gpu: bool, command_line: str, threads: int) -> int:
     _reject_flags_of_other_op(args)
     spec = _OPS[args.op]
     module = spec["module"]
@@ -149,35 +216,39 @@ def run(args: argparse.Namespace, *, on_gpu: bool, command_line: str) -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     out_dir = Path(args.out) if args.out else default_output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
+    banner = None if on_gpu else cpu_banner()
 
     console = output.make_console()
-    console.print(f"bench {args.op}: {len(configs)} configurations x {len(selected)} providers on {device_name()}")
-    results: list[Result] = []
-    with warnings.catch_warnings(), Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
-    ) as progress:
-        # The interpreter computes log(0) for masked scores on purpose; numpy's warning about it is noise.
-        warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
-        task = progress.add_task(args.op, total=len(configs) * len(selected))
+    console.print(f"bench {args.op}: {len(configs)} configurations x {len(selected)} providers on {device_name()}, "
+                  f"{threads} torch threads", markup=False)
+    with output.progress(console, args.op, len(configs) * len(selected)) as step:
+        results: list[Result] = run_sweep(
+            module, configs, selected, device,
+            on_result=lambda result: step(f"{args.op} {result.provider} {result.config.mode}"),
+        )
 
-        def advance(result: Result) -> None:
-            progress.update(task, advance=1, description=f"{args.op} {result.provider} {result.config.mode}")
+    records = [module.record(result, threads) for result in results]
+    if on_gpu:
+        ratio = speedups(results)
+        for index, record in enumerate(records):
+            record["fs_speedup"] = ratio.get(index)
+    columns, rows = table_rows(args.op, records, [result.measurement.detail for result in results], on_gpu)
+    if banner is not None:
+        console.print(banner, style="bold red", markup=False)  # right above the table it is about
+    output.print_table(console, f"{args.op} on {device_name()}", columns, rows,
+                       caption=SPEEDUP_CAPTION if on_gpu else None)
 
-        results = module.sweep(configs, selected, device, on_result=advance)
-
-    records = [module.record(result) for result in results]
-    ratio = speedups(results)
-    rows = [spec["table_row"](record, ratio.get(index), results[index].measurement.detail)
-            for index, record in enumerate(records)]
-    output.print_table(console, f"{args.op} on {device_name()}", spec["columns"], rows,
-                       caption="fs speed-up: this provider's time over flash_softmax's (>1: flash_softmax is faster)")
-
-    written = [output.write_csv(out_dir / f"{args.op}.csv", module.CSV_COLUMNS, records),
-               output.write_json(out_dir / "env.json", environment(command_line))]
+    environment_record = {**environment(command_line), "threads": threads}
+    if banner is not None:
+        environment_record["note"] = banner
+    written = [output.write_csv(out_dir / f"{args.op}.csv", csv_columns(module.CSV_COLUMNS, on_gpu), records),
+               output.write_json(out_dir / "env.json", environment_record)]
     if args.plots:
-        written += _write_plots(args.op, records, out_dir)
+        figures, left_out = _write_plots(args.op, records, out_dir, banner)
+        written += figures
+        for line in left_out:
+            console.print(line, markup=False)
     for path in written:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", markup=False)
     flash_errors = [r for r in records if r["provider"] == "flash_softmax" and r["status"].startswith("error")]
     return 1 if flash_errors else 0

@@ -5,7 +5,8 @@ By default every configuration holds the token budget fixed, as in the FlashAtte
 comparable across lengths. ``--batch`` / ``--heads`` fix either instead. ``--gqa G`` gives every K/V
 head G query heads; ``--window W`` limits each query to a band of W keys on each side (W to the left only
 when causal), so the cost grows as O(S * W) instead of O(S^2). Both apply to the whole run and are
-recorded in env.json's command line; the CSV keeps its fixed columns.
+recorded in env.json's command line; the CSV keeps its fixed columns. Every row also records the torch
+thread count the run was pinned to (``--threads``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from flash_softmax.bench.providers import Provider
-from flash_softmax.bench.sweep import Result, run_sweep
+from flash_softmax.bench.sweep import Result, common_fields, modes
 
 TOKENS = 16 * 1024
 HIDDEN = 2048
@@ -30,7 +31,7 @@ GPU_DEFAULTS = {"seqlens": [512, 1024, 2048, 4096, 8192, 16384], "head_dims": [6
 CPU_DEFAULTS = {"seqlens": [64, 128], "head_dims": [32], "dtypes": ["float16"], "batch": 1, "heads": 2}
 
 CSV_COLUMNS = ("provider", "mode", "causal", "dtype", "batch", "heads", "seqlen_q", "seqlen_k", "head_dim",
-               "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", "status")
+               "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", "threads", "status")
 
 
 @dataclass(frozen=True)
@@ -76,19 +77,13 @@ class AttentionConfig:
         return forward * {"fwd": 1.0, "bwd": BACKWARD_FLOP_FACTOR, "fwd_bwd": 1.0 + BACKWARD_FLOP_FACTOR}[self.mode]
 
 
-def record(result: Result) -> dict[str, object]:
-    """The CSV row of one result (also what the table and plots read)."""
+def record(result: Result, threads: int) -> dict[str, object]:
+    """The CSV row of one result (also what the table and plots read); ``threads``: torch's thread count."""
     config, timing = result.config, result.measurement.timing
-    return {
-        "provider": result.provider,
-        **{name: value for name, value in asdict(config).items() if name in CSV_COLUMNS},
-        "ms_median": timing.median if timing else None,
-        "ms_p20": timing.p20 if timing else None,
-        "ms_p80": timing.p80 if timing else None,
-        "tflops": config.flops() / (timing.median * 1e-3) / 1e12 if timing else None,
-        "peak_mem_mib": result.measurement.peak_mem_mib,
-        "status": result.measurement.status,
-    }
+    configuration = {name: value for name, value in asdict(config).items() if name in CSV_COLUMNS}
+    throughput = config.flops() / (timing.median * 1e-3) / 1e12 if timing else None
+    return {**common_fields(result, threads), **configuration, "tflops": throughput,
+            "peak_mem_mib": result.measurement.peak_mem_mib}
 
 
 def resolve_sweep(args, on_gpu: bool) -> dict[str, object]:
@@ -99,7 +94,7 @@ def resolve_sweep(args, on_gpu: bool) -> dict[str, object]:
         "head_dims": args.head_dims or defaults["head_dims"],
         "dtypes": args.dtypes or defaults["dtypes"],
         "causal": list(dict.fromkeys(args.causal)) if args.causal else [False, True],
-        "modes": list(dict.fromkeys(args.modes)) if args.modes else list(MODES),
+        "modes": modes(args.modes, MODES),
         "batch": args.batch or defaults["batch"],
         "heads": args.heads or defaults["heads"],
         "group_size": args.gqa or 1,
@@ -157,15 +152,3 @@ def inputs_key(config: AttentionConfig) -> tuple:
     """Configurations that differ only in mode share inputs."""
     return (config.causal, config.dtype, config.batch, config.heads, config.seqlen_q, config.seqlen_k,
             config.head_dim, config.group_size, config.window)
-
-
-def sweep(
-    configs: list[AttentionConfig],
-    providers: list[Provider],
-    device: torch.device,
-    on_result: Callable[[Result], None] = lambda result: None,
-) -> list[Result]:
-    """Measure every provider on every configuration (see :func:`~flash_softmax.bench.sweep.run_sweep`)."""
-    return run_sweep(configs, providers, device, inputs_key=inputs_key,
-                     make_inputs=lambda config: make_inputs(config, device), call_for_mode=call_for_mode,
-                     on_result=on_result)

@@ -101,18 +101,24 @@ def _sdpa_context(backend_name: str):
 _compiled_flex_attention = None
 
 
+def _allow_a_graph_per_shape() -> None:
+    """Every shape of a sweep is a new graph for ``torch.compile``; past dynamo's default limit of 8
+    recompilations it would silently run the function eagerly, and the timings would no longer be those of
+    the compiled provider. Raise the limit far beyond any sweep."""
+    import torch._dynamo
+
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 1024))
+
+
 def _flex_attention_compiled():
     """``flex_attention`` under ``torch.compile``, compiled once per process (and per shape by dynamo)."""
     global _compiled_flex_attention
     if _compiled_flex_attention is None:
-        import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
 
-        # Every shape of the sweep is a new graph; past the default limit of 8 recompilations dynamo
-        # would silently run flex_attention eagerly, and the timings would no longer be FlexAttention's.
-        for knob in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 1024))
+        _allow_a_graph_per_shape()
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex_attention
 
@@ -174,26 +180,6 @@ ATTENTION_PROVIDERS: dict[str, Provider] = {
 }
 
 
-def _flash_softmax_softmax(config, x):
-    import flash_softmax as fs
-
-    return lambda: fs.softmax(x, dim=-1)
-
-
-def _torch_softmax(config, x):
-    return lambda: torch.softmax(x, dim=-1)
-
-
-def _flash_softmax_log_softmax(config, x):
-    import flash_softmax as fs
-
-    return lambda: fs.log_softmax(x, dim=-1)
-
-
-def _torch_log_softmax(config, x):
-    return lambda: torch.log_softmax(x, dim=-1)
-
-
 _compiled_softmaxes: dict[bool, Callable] = {}
 
 
@@ -201,48 +187,43 @@ def _compiled_softmax(log: bool) -> Callable:
     """``torch.softmax`` (or ``log_softmax``) under ``torch.compile``: Inductor's generated kernel, the
     strongest non-handwritten baseline. Compiled once per process and op (and per shape by dynamo)."""
     if log not in _compiled_softmaxes:
-        import torch._dynamo
-
-        # Every row length of the sweep is a new graph; past dynamo's default limit of 8 recompilations it
-        # would silently run eagerly, and the timings would be torch's, not Inductor's.
-        for knob in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 1024))
+        _allow_a_graph_per_shape()
         function = (lambda x: torch.log_softmax(x, dim=-1)) if log else (lambda x: torch.softmax(x, dim=-1))
         _compiled_softmaxes[log] = torch.compile(function, dynamic=False)
     return _compiled_softmaxes[log]
 
 
-def _torch_compile_softmax(config, x):
-    compiled = _compiled_softmax(log=False)
-    return lambda: compiled(x)
+def _row_providers(log: bool) -> dict[str, Provider]:
+    """The providers of softmax (``log=False``) or log_softmax (``log=True``) along the last dim, by name."""
+    torch_op = torch.log_softmax if log else torch.softmax
 
+    def flash_softmax(config, x):
+        import flash_softmax as fs
 
-def _torch_compile_log_softmax(config, x):
-    compiled = _compiled_softmax(log=True)
-    return lambda: compiled(x)
+        op = fs.log_softmax if log else fs.softmax
+        return lambda: op(x, dim=-1)
+
+    def eager(config, x):
+        return lambda: torch_op(x, dim=-1)
+
+    def compiled(config, x):
+        function = _compiled_softmax(log)
+        return lambda: function(x)
+
+    providers = (
+        Provider("flash_softmax", flash_softmax),
+        Provider("torch", eager),
+        # Compiling for the CPU needs a C++ toolchain and takes seconds per shape: asked for, not default.
+        Provider("torch_compile", compiled, on_cpu=False),
+    )
+    return {provider.name: provider for provider in providers}
 
 
 #: Softmax providers by name.
-SOFTMAX_PROVIDERS: dict[str, Provider] = {
-    provider.name: provider
-    for provider in (
-        Provider("flash_softmax", _flash_softmax_softmax),
-        Provider("torch", _torch_softmax),
-        # Compiling for the CPU needs a C++ toolchain and takes seconds per shape: asked for, not default.
-        Provider("torch_compile", _torch_compile_softmax, on_cpu=False),
-    )
-}
+SOFTMAX_PROVIDERS: dict[str, Provider] = _row_providers(log=False)
 
 #: log_softmax providers by name (``--op log_softmax``).
-LOG_SOFTMAX_PROVIDERS: dict[str, Provider] = {
-    provider.name: provider
-    for provider in (
-        Provider("flash_softmax", _flash_softmax_log_softmax),
-        Provider("torch", _torch_log_softmax),
-        Provider("torch_compile", _torch_compile_log_softmax, on_cpu=False),
-    )
-}
+LOG_SOFTMAX_PROVIDERS: dict[str, Provider] = _row_providers(log=True)
 
 
 def select(registry: dict[str, Provider], names: list[str] | None, on_gpu: bool) -> list[Provider]:

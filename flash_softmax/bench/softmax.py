@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from flash_softmax.bench.providers import Provider
-from flash_softmax.bench.sweep import Result, run_sweep
+from flash_softmax.bench.sweep import Result, common_fields, modes
 
 ELEMENTS = 2**24
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -25,7 +25,8 @@ GPU_DEFAULTS = {"cols": [2**power for power in range(8, 19)], "dtypes": ["bfloat
 # The interpreter runs one program per row in numpy: a few short rows, one of them past a single block.
 CPU_DEFAULTS = {"cols": [256, 4096], "dtypes": ["float16"], "rows": 4}
 
-CSV_COLUMNS = ("provider", "mode", "dtype", "rows", "cols", "ms_median", "ms_p20", "ms_p80", "gbps", "status")
+CSV_COLUMNS = ("provider", "mode", "dtype", "rows", "cols", "ms_median", "ms_p20", "ms_p80", "gbps", "threads",
+               "status")
 
 
 @dataclass(frozen=True)
@@ -42,17 +43,11 @@ class SoftmaxConfig:
         return TENSORS_MOVED[self.mode] * self.rows * self.cols * element_size
 
 
-def record(result: Result) -> dict[str, object]:
-    """The CSV row of one result (also what the table and plots read)."""
+def record(result: Result, threads: int) -> dict[str, object]:
+    """The CSV row of one result (also what the table and plots read); ``threads``: torch's thread count."""
     config, timing = result.config, result.measurement.timing
-    return {
-        "provider": result.provider, **asdict(config),
-        "ms_median": timing.median if timing else None,
-        "ms_p20": timing.p20 if timing else None,
-        "ms_p80": timing.p80 if timing else None,
-        "gbps": config.bytes_moved() / (timing.median * 1e-3) / 1e9 if timing else None,
-        "status": result.measurement.status,
-    }
+    bandwidth = config.bytes_moved() / (timing.median * 1e-3) / 1e9 if timing else None
+    return {**common_fields(result, threads), **asdict(config), "gbps": bandwidth}
 
 
 def resolve_sweep(args, on_gpu: bool) -> dict[str, object]:
@@ -61,7 +56,7 @@ def resolve_sweep(args, on_gpu: bool) -> dict[str, object]:
     return {
         "cols": args.cols or defaults["cols"],
         "dtypes": args.dtypes or defaults["dtypes"],
-        "modes": list(dict.fromkeys(args.modes)) if args.modes else list(MODES),
+        "modes": modes(args.modes, MODES),
         "rows": args.rows or defaults["rows"],
     }
 
@@ -101,15 +96,3 @@ def make_inputs(config: SoftmaxConfig, device: torch.device, seed: int = 0) -> t
     return tuple(
         torch.randn(config.rows, config.cols, generator=generator, device=device, dtype=dtype) for _ in range(2)
     )
-
-
-def sweep(
-    configs: list[SoftmaxConfig],
-    providers: list[Provider],
-    device: torch.device,
-    on_result: Callable[[Result], None] = lambda result: None,
-) -> list[Result]:
-    """Measure every provider on every configuration (see :func:`~flash_softmax.bench.sweep.run_sweep`)."""
-    return run_sweep(configs, providers, device, inputs_key=inputs_key,
-                     make_inputs=lambda config: make_inputs(config, device), call_for_mode=call_for_mode,
-                     on_result=on_result)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import math
 import warnings
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,38 +98,51 @@ class Result:
     measurement: Measurement
 
 
+def modes(given: Sequence[str] | None, every: Sequence[str]) -> list[str]:
+    """The modes of a sweep: those of ``--modes`` in their order, each once, else ``every`` mode."""
+    return list(dict.fromkeys(given)) if given else list(every)
+
+
+def common_fields(result: Result, threads: int) -> dict[str, object]:
+    """The CSV fields every op's row has: the provider, the time per call in milliseconds (None where it
+    did not run), torch's thread count and the status."""
+    timing = result.measurement.timing
+    return {"provider": result.provider, "ms_median": timing.median if timing else None,
+            "ms_p20": timing.p20 if timing else None, "ms_p80": timing.p80 if timing else None,
+            "threads": threads, "status": result.measurement.status}
+
+
 def run_sweep(
+    op: Any,
     configs: Sequence[Any],
     providers: Sequence[Provider],
     device: torch.device,
-    *,
-    inputs_key: Callable[[Any], Hashable],
-    make_inputs: Callable[[Any], tuple[torch.Tensor, ...]],
-    call_for_mode: Callable[[Any, Provider, tuple[torch.Tensor, ...]], Callable[[], object]],
     on_result: Callable[[Result], None] = lambda result: None,
 ) -> list[Result]:
-    """Measure every provider on every configuration; ``on_result`` sees each row as it is done.
+    """Measure every provider on every configuration of ``op``; ``on_result`` sees each row as it is done.
 
-    Consecutive configurations with the same ``inputs_key`` share one set of inputs from ``make_inputs``,
-    so all providers (and all modes) are timed on the very same tensors. ``call_for_mode(config,
-    provider, inputs)`` builds what is timed.
+    ``op`` is the module of one benchmarked op (:mod:`~flash_softmax.bench.attention` or
+    :mod:`~flash_softmax.bench.softmax`), which provides ``inputs_key(config)``, ``make_inputs(config,
+    device)`` and ``call_for_mode(config, provider, inputs)`` (what is timed). Consecutive configurations
+    with the same ``inputs_key`` share one set of inputs, so all providers (and all modes) are timed on the
+    very same tensors.
     """
     results = []
     current_key, inputs = object(), None
     for config in configs:
-        if inputs_key(config) != current_key:
+        if op.inputs_key(config) != current_key:
             inputs = None
             free_memory(device)
             try:
-                inputs = make_inputs(config)
+                inputs = op.make_inputs(config, device)
             except torch.OutOfMemoryError:
                 free_memory(device)
-            current_key = inputs_key(config)
+            current_key = op.inputs_key(config)
         for provider in providers:
             if inputs is None:
                 measurement = Measurement("oom", detail="the inputs alone do not fit")
             else:
-                measurement = measure(provider, lambda p, c=config: call_for_mode(c, p, inputs), device)
+                measurement = measure(provider, lambda p, c=config: op.call_for_mode(c, p, inputs), device)
             result = Result(provider.name, config, measurement)
             results.append(result)
             on_result(result)

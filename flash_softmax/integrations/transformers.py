@@ -39,7 +39,7 @@ try:
 except ImportError as error:  # transformers is an optional dependency
     raise ImportError(
         "flash_softmax.integrations.transformers needs Hugging Face transformers (>= 5.0): "
-        "pip install 'transformers>=5'"
+        "pip install 'flash-softmax[hf]'"
     ) from error
 
 from flash_softmax._backend import record_fallback
