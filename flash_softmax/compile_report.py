@@ -44,9 +44,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from flash_softmax.attention import backward as attention_backward
+from flash_softmax.attention import backward
 from flash_softmax.attention import configs as attention_configs
-from flash_softmax.attention import forward as attention_forward
+from flash_softmax.attention import forward
 
 #: Compute capability and the most dynamic shared memory one block may request (bytes, opt-in limit).
 ARCHITECTURES = {
@@ -56,12 +56,6 @@ ARCHITECTURES = {
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 #: dtypes whose matmuls must run on wgmma on sm_90a for a configuration to be ok.
 WGMMA_DTYPES = ("float16", "bfloat16")
-#: The report's kernel names and the ``configs`` kernel each one is.
-KERNELS = {
-    "attention_forward": "forward",
-    "attention_backward_dkdv": "backward_dkdv",
-    "attention_backward_dq": "backward_dq",
-}
 #: Which configurations of a space a report covers.
 SELECTIONS = ("defaults", "pruned", "unpruned")
 _FLOAT_ARGUMENTS = {"softmax_scale", "qk_scale", "softcap_scale", "softcap_log2"}
@@ -80,11 +74,12 @@ def _tool(name: str) -> str:
 
 
 def jit_function(kernel: str) -> JITFunction:
-    """The Triton kernel of a ``configs`` kernel name (``forward``, ``backward_dkdv``, ``backward_dq``)."""
+    """The Triton kernel of a kernel name of ``configs.KERNEL_NAMES`` (``forward``, ``backward_dkdv``,
+    ``backward_dq``)."""
     functions = {
-        "forward": attention_forward._attn_fwd_kernel,
-        "backward_dkdv": attention_backward._attn_bwd_dkdv_kernel,
-        "backward_dq": attention_backward._attn_bwd_dq_kernel,
+        "forward": forward._attn_fwd_kernel,
+        "backward_dkdv": backward._attn_bwd_dkdv_kernel,
+        "backward_dq": backward._attn_bwd_dq_kernel,
     }
     if kernel not in functions:
         raise ValueError(f"kernel must be one of {tuple(functions)}, got {kernel!r}")
@@ -98,7 +93,7 @@ def jit_function(kernel: str) -> JITFunction:
 def parts(kernel: str, config: attention_configs.KernelConfig) -> list[dict]:
     """The constexprs of each launch a configuration makes (one, or dV then dK for a split dK/dV)."""
     if kernel == "backward_dkdv":
-        return attention_backward.dkdv_parts(config)
+        return backward.dkdv_parts(config)
     return [{}]
 
 
@@ -113,7 +108,7 @@ def _part_suffix(part: dict, count: int) -> str:
 class Report:
     """One compiled launch of one configuration: what it costs and which instructions it runs."""
 
-    kernel: str  # a configs kernel name
+    kernel: str  # one of configs.KERNEL_NAMES, as ``flash-softmax tune --kernels`` takes them
     arch: str
     dtype: str
     head_dim: int
@@ -132,11 +127,6 @@ class Report:
     utmastg: int = 0
     ldgsts: int = 0
     error: str = ""
-
-    @property
-    def name(self) -> str:
-        """The kernel's name in the report (``attention_forward``, ...)."""
-        return next(name for name, kernel in KERNELS.items() if kernel == self.kernel)
 
     @property
     def hgmma(self) -> int:
@@ -291,7 +281,8 @@ def attention_constexprs(head_dim: int, causal: bool) -> dict:
     width = attention_configs.padded_head_dim(head_dim)
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=width, BLOCK_DV=width,
-        HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False, BIAS_KIND=0, ACC_DTYPE=tl.float32, UPCAST=False,
+        HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False, BIAS_KIND=0, ACC_DTYPE=tl.float32,
+        INTERPRETED_BFLOAT16=False,
     )
 
 
@@ -318,8 +309,8 @@ def compile_report(report: Report) -> Report:
 def reports_for(kernel: str, config, arch: str, dtype: str, head_dim: int, causal: bool,
                 kept: bool = True) -> list[Report]:
     """The reports (not yet compiled) of one configuration: one per launch it makes."""
-    if kernel not in KERNELS.values():
-        raise ValueError(f"kernel must be one of {tuple(KERNELS.values())}, got {kernel!r}")
+    if kernel not in attention_configs.KERNEL_NAMES:
+        raise ValueError(f"kernel must be one of {attention_configs.KERNEL_NAMES}, got {kernel!r}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
     if dtype not in DTYPES:
@@ -402,16 +393,16 @@ def compile_reports(reports: list[Report], jobs: int | None = None, progress=Non
 
 def run_reports(archs, dtypes, head_dims, kernels=None, causal=(True,), selection: str = "pruned",
                 progress=None, jobs: int | None = None) -> list[Report]:
-    """Compile the selected configurations (``selected_configs``) of each kernel (``KERNELS`` names; default
-    all) for every arch, dtype, head dim and causal setting, and report them."""
-    unknown = set(kernels or ()) - set(KERNELS)
+    """Compile the selected configurations (``selected_configs``) of each kernel (``configs.KERNEL_NAMES``;
+    default all) for every arch, dtype, head dim and causal setting, and report them."""
+    unknown = set(kernels or ()) - set(attention_configs.KERNEL_NAMES)
     if unknown:
-        raise ValueError(f"kernels must be some of {tuple(KERNELS)}, got {sorted(unknown)}")
+        raise ValueError(f"kernels must be some of {attention_configs.KERNEL_NAMES}, got {sorted(unknown)}")
     if isinstance(causal, bool):
         causal = (causal,)
     reports = []
-    for name, kernel in KERNELS.items():
-        if kernels and name not in kernels:
+    for kernel in attention_configs.KERNEL_NAMES:
+        if kernels and kernel not in kernels:
             continue
         for arch in archs:
             for dtype in dtypes:
@@ -423,7 +414,7 @@ def run_reports(archs, dtypes, head_dims, kernels=None, causal=(True,), selectio
 
 
 def format_report(report: Report) -> str:
-    return (f"{report.name:<24} {report.arch:<6} {report.dtype:<8} {'causal' if report.causal else 'noncausal':<9} "
+    return (f"{report.kernel:<14} {report.arch:<6} {report.dtype:<8} {'causal' if report.causal else 'noncausal':<9} "
             f"D={report.head_dim:<3} {report.config:<34} regs={report.registers:>3} spill={report.spill_bytes:>5}B "
             f"smem={report.shared_bytes:>6}/{report.shared_limit}B  {report.mma:<13} HGMMA={report.shapes_text()} "
             f"HMMA={report.hmma} TMA={report.utmaldg}/{report.utmastg} LDGSTS={report.ldgsts}  "

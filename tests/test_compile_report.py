@@ -16,11 +16,10 @@ import pytest
 from flash_softmax.attention import configs
 
 HEAD_DIMS = (64, 128, 256)
-REPORT_NAMES = {"forward": "attention_forward", "backward_dkdv": "attention_backward_dkdv",
-                "backward_dq": "attention_backward_dq"}
 SHARED_LIMITS = {"sm_80": 166_912, "sm_90a": 232_448}
 _LINE = re.compile(
-    r"^(?P<kernel>attention_\S+)\s+(?P<arch>\S+)\s+(?P<dtype>\S+)\s+(?P<causal>causal|noncausal)\s+"
+    r"^(?P<kernel>forward|backward_dkdv|backward_dq)\s+"
+    r"(?P<arch>\S+)\s+(?P<dtype>\S+)\s+(?P<causal>causal|noncausal)\s+"
     r"D=(?P<head_dim>\d+)\s+(?P<config>.+?)\s+regs=\s*(?P<registers>-?\d+) spill=\s*(?P<spills>-?\d+)B "
     r"smem=\s*(?P<shared>-?\d+)/(?P<limit>\d+)B\s+(?P<mma>wgmma|mma\.sync only|no MMA)\s+HGMMA=(?P<shapes>\S+) "
     r".*?  (?P<verdict>\S.*)$"
@@ -38,7 +37,7 @@ def _report(*arguments: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
         [sys.executable, "-m", "flash_softmax", "compile-report", *arguments],
         env=_compiled_environment(), capture_output=True, text=True, timeout=600,
     )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("attention_")]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(configs.KERNEL_NAMES)]
     parsed = []
     for line in lines:
         match = _LINE.match(line)
@@ -76,7 +75,7 @@ def test_default_hopper_configurations_use_wide_wgmma_without_spilling():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     expected = sorted(
-        (REPORT_NAMES[kernel], dtype, causal, str(head_dim), label)
+        (kernel, dtype, causal, str(head_dim), label)
         for kernel in configs.KERNEL_NAMES for dtype in ("bfloat16", "float16") for causal in ("causal", "noncausal")
         for head_dim in HEAD_DIMS
         for label in _labels(configs.default_config(kernel, head_dim, head_dim, 2, shared_limit=232_448,
@@ -94,7 +93,7 @@ def test_pruned_spaces_compile_spill_free_and_to_wgmma_on_hopper():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     expected = sorted(
-        (REPORT_NAMES[kernel], arch, str(head_dim), label)
+        (kernel, arch, str(head_dim), label)
         for kernel in configs.KERNEL_NAMES for arch in SHARED_LIMITS for head_dim in HEAD_DIMS
         for config in configs.prune(kernel, head_dim, head_dim, 2, SHARED_LIMITS[arch], arch=arch)
         for label in _labels(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import re
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import triton.runtime.jit
 
 import flash_softmax as fs
 from flash_softmax import cli
-from flash_softmax.attention import configs, function, options
+from flash_softmax.attention import configs, function
 from flash_softmax.bench import host_overhead
 from flash_softmax.testing import assert_close
 
@@ -35,7 +36,8 @@ def patched_state():
     launchers may fill the SM-count cache themselves, so it is compared on CPUs only.)"""
     return (
         triton.runtime.jit.JITFunction.run, triton.runtime.interpreter.InterpretedFunction.run,
-        triton.runtime.autotuner.Autotuner.run, function.backend_for, configs.INTERPRETED, options.INTERPRETED,
+        triton.runtime.autotuner.Autotuner.run, function.backend_for,
+        *(importlib.import_module(name).INTERPRETED for name in host_overhead._INTERPRETER_SWITCHES),
         dict(configs._sm_counts) if DEVICE == "cpu" else None,
     )
 
@@ -56,8 +58,12 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def test_host_overhead_prints_both_figures_and_writes_the_csv(tmp_path, capsys):
     before = patched_state()
-    assert cli.main(["bench", "--host-overhead", "--calls", "30", *SMALL, "--out", str(tmp_path)]) == 0
+    threads = torch.get_num_threads()
+    assert cli.main(["bench", "--host-overhead", "--calls", "30", "--threads", "1", *SMALL,
+                     "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # pinned for the run only
     printed = capsys.readouterr().out
+    assert "1 torch threads" in printed
     assert "no-op" in printed
     assert ("compiled-GPU (CUDA) path taken by CPU tensors" if DEVICE == "cpu" else "compiled-GPU path on") in printed
     table = [line for line in printed.splitlines() if "bfloat16" in line]
@@ -69,7 +75,7 @@ def test_host_overhead_prints_both_figures_and_writes_the_csv(tmp_path, capsys):
     for row in rows:
         assert (row["dtype"], row["batch"], row["heads"], row["seqlen"], row["head_dim"], row["causal"]) == (
             "bfloat16", "1", "2", "64", "32", "true")
-        assert row["calls"] == "30" and "no-op" in row["path"]
+        assert row["calls"] == "30" and row["threads"] == "1" and "no-op" in row["path"]
         assert 0 < float(row["us_p20"]) <= float(row["us_median"]) <= float(row["us_p80"])
     # Each figure is printed as measured (to 0.1 µs in the table, 0.01 µs in the CSV).
     printed_medians = [float(re.search(r"([0-9.]+) \(([0-9.]+)-([0-9.]+)\)", line).group(1)) for line in table]
@@ -96,6 +102,8 @@ def test_launches_are_no_ops_only_inside_and_restored_after_an_error():
     check_a_real_call()
 
 
+# The PyTorch path forced below warns that it is a fallback, which is what this test provokes on purpose.
+@pytest.mark.filterwarnings("ignore::flash_softmax.FallbackWarning")
 def test_a_path_that_launches_nothing_is_not_measured(monkeypatch):
     """Should the dispatch send the call elsewhere (the plain PyTorch path), the figure would not be the GPU
     path's: the measurement refuses rather than report it."""

@@ -18,16 +18,26 @@ import torch
 import triton
 import triton.language as tl
 
+from flash_softmax._triton_helpers import dot_operand, round_to_dtype
 from flash_softmax.attention import configs
 from flash_softmax.attention.common import (
+    INTERIOR,
+    LEFT_EDGE,
+    RIGHT_EDGE,
+    WHOLE_BAND,
     block_and_head,
-    heaviest_first,
+    head_dim_offsets,
+    head_start,
     key_range,
     load_tile,
-    mma_operand,
+    matrix_descriptor,
+    program_tiles,
+    query_heads,
     query_range,
     score_tile,
-    to_input_dtype,
+    stage_bounds,
+    tile_coordinates,
+    tile_pointers,
 )
 from flash_softmax.attention.options import KernelOptions
 
@@ -47,13 +57,14 @@ def _attn_bwd_preprocess_kernel(
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
-    rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + rows * stride_om
-                + offs_dv[None, :], mask=mask, other=0.0)
-    do = tl.load(DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + rows * stride_dom
-                 + offs_dv[None, :], mask=mask, other=0.0)
+    o_ptrs = tile_pointers(head_start(Out, batch, head, stride_ob, stride_oh), offs_m[:, None], offs_dv[None, :],
+                           stride_om)
+    do_ptrs = tile_pointers(head_start(DOut, batch, head, stride_dob, stride_doh), offs_m[:, None],
+                            offs_dv[None, :], stride_dom)
+    o = tl.load(o_ptrs, mask=mask, other=0.0)
+    do = tl.load(do_ptrs, mask=mask, other=0.0)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
-    tl.store(Delta + batch_head.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+    tl.store(tile_pointers(Delta, batch_head, offs_m, seqlen_q), delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -83,8 +94,9 @@ def _attn_bwd_dkdv_inner(
     start_m, end_m, seqlen_q, seqlen_k, window_left, window_right,
     qk_scale, softcap_scale, softcap_log2,
     BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    INTERPRETED_BFLOAT16: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr,
 ):
     """Accumulate the contribution of query rows ``[start_m, end_m)`` of one head to this key block.
 
@@ -96,20 +108,20 @@ def _attn_bwd_dkdv_inner(
     recomputed each step from the head's base pointer rather than carried across iterations, which keeps
     them out of the registers the accumulators need.
     """
-    for block_start in tl.range(start_m, end_m, BLOCK_M, warp_specialize=WARP_SPECIALIZE):
+    for block_start in tl.range(start_m, end_m, BLOCK_M, warp_specialize=PARTITION_WARPS):
         rows = block_start + offs_m
         row_mask = rows < seqlen_q
         if USE_TMA:
             q_t = tl.trans(q_desc.load([block_start, 0]))
             do = do_desc.load([block_start, 0])
         else:
-            q_t_ptrs = q_head + rows[None, :].to(tl.int64) * stride_qm + offs_d[:, None]
-            do_ptrs = do_head + rows[:, None].to(tl.int64) * stride_dom + offs_dv[None, :]
+            q_t_ptrs = tile_pointers(q_head, rows[None, :], offs_d[:, None], stride_qm)
+            do_ptrs = tile_pointers(do_head, rows[:, None], offs_dv[None, :], stride_dom)
             q_t = tl.load(q_t_ptrs, mask=row_mask[None, :] & mask_d[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
         lse2, delta = _load_row_stats(LSE, Delta, rows, row_mask, True)
-        q_t = mma_operand(q_t, DOT_DTYPE, UPCAST)
-        do = mma_operand(do, DOT_DTYPE, UPCAST)
+        q_t = dot_operand(q_t, DOT_DTYPE, INTERPRETED_BFLOAT16)
+        do = dot_operand(do, DOT_DTYPE, INTERPRETED_BFLOAT16)
 
         scores_t, capped_t, keep = score_tile(
             k, q_t, rows[None, :], offs_n[:, None], bias_ptr, stride_bm, stride_bn, seqlen_q, seqlen_k,
@@ -118,22 +130,24 @@ def _attn_bwd_dkdv_inner(
         # exp2(-inf - lse) is NaN for a NaN row: P is zeroed outside the band explicitly.
         p_t = tl.where(keep, tl.math.exp2(scores_t - lse2[None, :]), 0.0)
         if COMPUTE_DV:
-            dv = tl.dot(mma_operand(p_t, DOT_DTYPE, UPCAST), do, dv, input_precision="ieee", out_dtype=dv.dtype)
+            dv = tl.dot(dot_operand(p_t, DOT_DTYPE, INTERPRETED_BFLOAT16), do, dv, input_precision="ieee",
+                        out_dtype=dv.dtype)
         if COMPUTE_DK:
             dp_t = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=dk.dtype)
             # Masked here too, not only through P: 0 * NaN would carry a NaN row's delta, or a NaN/inf score
             # outside the band, into keys that row never sees.
             ds_t = tl.where(keep, _score_gradient(p_t, dp_t, delta[None, :], capped_t, HAS_SOFTCAP), 0.0)
-            dk = tl.dot(mma_operand(ds_t, DOT_DTYPE, UPCAST), tl.trans(q_t), dk, input_precision="ieee",
-                        out_dtype=dk.dtype)
+            dk = tl.dot(dot_operand(ds_t, DOT_DTYPE, INTERPRETED_BFLOAT16), tl.trans(q_t), dk,
+                        input_precision="ieee", out_dtype=dk.dtype)
     return dk, dv
 
 
 @triton.jit
-def _store_gradient(ptrs, x, mask, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+def _store_gradient(ptrs, x, mask, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    INTERPRETED_BFLOAT16: tl.constexpr):
     """Store an accumulator in the gradient's dtype: the input dtype, or float32 partial sums (GQA splits)."""
     if DTYPE == DOT_DTYPE:
-        tl.store(ptrs, to_input_dtype(x, DOT_DTYPE, UPCAST), mask=mask)
+        tl.store(ptrs, round_to_dtype(x, DOT_DTYPE, INTERPRETED_BFLOAT16), mask=mask)
     else:
         tl.store(ptrs, x.to(DTYPE), mask=mask)
 
@@ -153,8 +167,8 @@ def _attn_bwd_dkdv_tile(
     softmax_scale, qk_scale, softcap_scale, softcap_log2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     SPLIT_GROUPS: tl.constexpr,
 ):
     """dK/dV rows ``[block_n * BLOCK_N, (block_n + 1) * BLOCK_N)`` of one (batch, K/V head), summed over the
@@ -183,64 +197,62 @@ def _attn_bwd_dkdv_tile(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_d = offs_d < HEAD_DIM
-    mask_dv = offs_dv < HEAD_DIM_V
-    key_rows = offs_n[:, None].to(tl.int64)
-    key_mask = offs_n[:, None] < seqlen_k
+    offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+    key_rows = offs_n[:, None]
+    key_mask = key_rows < seqlen_k
 
-    k_head = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-    v_head = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
+    k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
+    v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
     if USE_TMA:
-        k = tl.make_tensor_descriptor(k_head, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-                                      block_shape=[BLOCK_N, BLOCK_D]).load([start_n, 0])
-        v = tl.make_tensor_descriptor(v_head, shape=[seqlen_k, HEAD_DIM_V], strides=[stride_vn, 1],
-                                      block_shape=[BLOCK_N, BLOCK_DV]).load([start_n, 0])
+        k = matrix_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D).load([start_n, 0])
+        v = matrix_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV).load([start_n, 0])
     else:
-        k = tl.load(k_head + key_rows * stride_kn + offs_d[None, :], mask=key_mask & mask_d[None, :], other=0.0)
-        v = tl.load(v_head + key_rows * stride_vn + offs_dv[None, :], mask=key_mask & mask_dv[None, :], other=0.0)
-    k = mma_operand(k, DOT_DTYPE, UPCAST)
-    v = mma_operand(v, DOT_DTYPE, UPCAST)
+        k = tl.load(tile_pointers(k_head, key_rows, offs_d[None, :], stride_kn), mask=key_mask & mask_d[None, :],
+                    other=0.0)
+        v = tl.load(tile_pointers(v_head, key_rows, offs_dv[None, :], stride_vn), mask=key_mask & mask_dv[None, :],
+                    other=0.0)
+    k = dot_operand(k, DOT_DTYPE, INTERPRETED_BFLOAT16)
+    v = dot_operand(v, DOT_DTYPE, INTERPRETED_BFLOAT16)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC_DTYPE)
 
-    begin, end = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
-                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # One masked loop over the band. Splitting off the mask-free interior, as the forward and dQ do,
+    # makes ptxas spill here: with dK and dV both accumulating, a second copy of the loop does not
+    # fit the registers (see notes/perf.md and `flash-softmax compile-report`).
+    queries = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                          BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    begin, end = stage_bounds(queries, WHOLE_BAND)
     for member in range(member_begin, member_end):
         head = head_kv * group_size + member
-        q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-        do_head = DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        q_head = head_start(Q, batch, head, stride_qb, stride_qh)
+        do_head = head_start(DOut, batch, head, stride_dob, stride_doh)
         if USE_TMA:
-            q_desc = tl.make_tensor_descriptor(q_head, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
-            do_desc = tl.make_tensor_descriptor(do_head, shape=[seqlen_q, HEAD_DIM_V], strides=[stride_dom, 1],
-                                                block_shape=[BLOCK_M, BLOCK_DV])
+            q_desc = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
+            do_desc = matrix_descriptor(do_head, seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
         else:
             q_desc = Q
             do_desc = DOut
-        bias_ptr = Bias + batch.to(tl.int64) * stride_bb + head.to(tl.int64) * stride_bh
+        bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
         row_stats = (batch * num_heads_q + head).to(tl.int64) * seqlen_q
-        # One masked loop over the band. Splitting off the mask-free interior, as the forward and dQ do,
-        # makes ptxas spill here: with dK and dV both accumulating, a second copy of the loop does not
-        # fit the registers (see notes/perf.md and `flash-softmax compile-report`).
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_head, do_head, q_desc, do_desc, LSE + row_stats, Delta + row_stats, bias_ptr,
             stride_qm, stride_dom, stride_bm, stride_bn, offs_m, offs_n, offs_d, offs_dv, mask_d, mask_dv,
             begin, end, seqlen_q, seqlen_k, window_left, window_right,
             qk_scale, softcap_scale, softcap_log2,
-            BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, DOT_DTYPE, UPCAST, COMPUTE_DK, COMPUTE_DV,
-            USE_TMA, WARP_SPECIALIZE)
+            BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, DOT_DTYPE, INTERPRETED_BFLOAT16,
+            COMPUTE_DK, COMPUTE_DV, USE_TMA, PARTITION_WARPS)
 
     if COMPUTE_DK:
         dk = dk * softmax_scale
-        dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb
-                   + head_kv.to(tl.int64) * stride_dkh + key_rows * stride_dkn + offs_d[None, :])
-        _store_gradient(dk_ptrs, dk, key_mask & mask_d[None, :], DK.dtype.element_ty, DOT_DTYPE, UPCAST)
+        dk_ptrs = tile_pointers(head_start(DK, batch, head_kv, stride_dkb, stride_dkh), key_rows, offs_d[None, :],
+                                stride_dkn)
+        _store_gradient(dk_ptrs, dk, key_mask & mask_d[None, :], DK.dtype.element_ty, DOT_DTYPE,
+                        INTERPRETED_BFLOAT16)
     if COMPUTE_DV:
-        dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb
-                   + head_kv.to(tl.int64) * stride_dvh + key_rows * stride_dvn + offs_dv[None, :])
-        _store_gradient(dv_ptrs, dv, key_mask & mask_dv[None, :], DV.dtype.element_ty, DOT_DTYPE, UPCAST)
+        dv_ptrs = tile_pointers(head_start(DV, batch, head_kv, stride_dvb, stride_dvh), key_rows, offs_dv[None, :],
+                                stride_dvn)
+        _store_gradient(dv_ptrs, dv, key_mask & mask_dv[None, :], DV.dtype.element_ty, DOT_DTYPE,
+                        INTERPRETED_BFLOAT16)
 
 
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
@@ -258,28 +270,17 @@ def _attn_bwd_dkdv_kernel(
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs, head_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, SPLIT_GROUPS: tl.constexpr,
 ):
     """Grid ``(cdiv(Sk, BLOCK_N) * batch_heads,)`` with ``batch_heads = B * Hkv * head_splits``, or with
     ``PERSISTENT`` ``(num_programs,)`` walking those tiles heaviest first. Each program sums over its query
     heads in a fixed order, so grouped-query gradients need no atomics either."""
     num_blocks = tl.cdiv(seqlen_k, BLOCK_N)
-    if PERSISTENT:
-        for tile in range(tl.program_id(0), num_blocks * batch_heads, num_programs):
-            block_n, unit = heaviest_first(tile, num_blocks, batch_heads, False)
-            _attn_bwd_dkdv_tile(
-                block_n, unit, Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
-                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
-                stride_dks, stride_dkb, stride_dkh, stride_dkn, stride_dvs, stride_dvb, stride_dvh, stride_dvn,
-                num_heads_q, group_size, head_splits, seqlen_q, seqlen_k, window_left, window_right,
-                softmax_scale, qk_scale, softcap_scale, softcap_log2,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-                ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, COMPUTE_DK, COMPUTE_DV, SPLIT_GROUPS)
-    else:
-        block_n, unit = block_and_head(num_blocks)
+    first, stop, step = program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT)
+    for tile in range(first, stop, step):
+        block_n, unit = tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT, False)
         _attn_bwd_dkdv_tile(
             block_n, unit, Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -288,7 +289,8 @@ def _attn_bwd_dkdv_kernel(
             num_heads_q, group_size, head_splits, seqlen_q, seqlen_k, window_left, window_right,
             softmax_scale, qk_scale, softcap_scale, softcap_log2,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-            ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE, COMPUTE_DK, COMPUTE_DV, SPLIT_GROUPS)
+            ACC_DTYPE, INTERPRETED_BFLOAT16, BLOCK_M, BLOCK_N, USE_TMA, PARTITION_WARPS,
+            COMPUTE_DK, COMPUTE_DV, SPLIT_GROUPS)
 
 
 @triton.jit
@@ -300,13 +302,13 @@ def _attn_bwd_dq_inner(
     qk_scale, softcap_scale, softcap_log2,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr,
 ):
     """Accumulate ``dQ += dS K`` over keys ``[start_n, end_n)`` (scale applied after the loop)."""
     k_ptrs += start_n.to(tl.int64) * stride_kn
     v_ptrs += start_n.to(tl.int64) * stride_vn
-    for block_start in tl.range(start_n, end_n, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for block_start in tl.range(start_n, end_n, BLOCK_N, warp_specialize=PARTITION_WARPS):
         cols = block_start + offs_n
         if USE_TMA:
             k = k_desc.load([block_start, 0])
@@ -317,8 +319,8 @@ def _attn_bwd_dq_inner(
         else:
             k = load_tile(k_ptrs, mask_d[None, :], PAD_D)
             v = load_tile(v_ptrs, mask_dv[None, :], PAD_DV)
-        k = mma_operand(k, DOT_DTYPE, UPCAST)
-        v = mma_operand(v, DOT_DTYPE, UPCAST)
+        k = dot_operand(k, DOT_DTYPE, INTERPRETED_BFLOAT16)
+        v = dot_operand(v, DOT_DTYPE, INTERPRETED_BFLOAT16)
         scores, capped, keep = score_tile(
             q, tl.trans(k), offs_m[:, None], cols[None, :], bias_ptr, stride_bm, stride_bn, seqlen_q, seqlen_k,
             window_left, window_right, qk_scale, softcap_scale, softcap_log2,
@@ -328,7 +330,8 @@ def _attn_bwd_dq_inner(
         ds = _score_gradient(p, dp, delta[:, None], capped, HAS_SOFTCAP)
         if MASKED:
             ds = tl.where(keep, ds, 0.0)
-        dq = tl.dot(mma_operand(ds, DOT_DTYPE, UPCAST), k, dq, input_precision="ieee", out_dtype=dq.dtype)
+        dq = tl.dot(dot_operand(ds, DOT_DTYPE, INTERPRETED_BFLOAT16), k, dq, input_precision="ieee",
+                    out_dtype=dq.dtype)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return dq
@@ -348,81 +351,64 @@ def _attn_bwd_dq_tile(
     softmax_scale, qk_scale, softcap_scale, softcap_log2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr,
 ):
     """dQ rows ``[block_m * BLOCK_M, (block_m + 1) * BLOCK_M)`` of one (batch, query head)."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
     start_m = block_m * BLOCK_M
-    batch = batch_head // num_heads_q
-    head = batch_head % num_heads_q
-    head_kv = head // group_size
+    batch, head, head_kv = query_heads(batch_head, num_heads_q, group_size)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_d = offs_d < HEAD_DIM
-    mask_dv = offs_dv < HEAD_DIM_V
-    rows = offs_m[:, None].to(tl.int64)
+    offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+    rows = offs_m[:, None]
     row_mask = offs_m < seqlen_q
 
-    q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    do_head = DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-    k_head = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-    v_head = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
-    dq_head = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
+    q_head = head_start(Q, batch, head, stride_qb, stride_qh)
+    do_head = head_start(DOut, batch, head, stride_dob, stride_doh)
+    k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
+    v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
+    dq_head = head_start(DQ, batch, head, stride_dqb, stride_dqh)
     if USE_TMA:
-        q = tl.make_tensor_descriptor(q_head, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                      block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
-        do = tl.make_tensor_descriptor(do_head, shape=[seqlen_q, HEAD_DIM_V], strides=[stride_dom, 1],
-                                       block_shape=[BLOCK_M, BLOCK_DV]).load([start_m, 0])
-        k_desc = tl.make_tensor_descriptor(k_head, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_head, shape=[seqlen_k, HEAD_DIM_V], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_DV])
+        q = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D).load([start_m, 0])
+        do = matrix_descriptor(do_head, seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV).load([start_m, 0])
+        k_desc = matrix_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_desc = matrix_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
     else:
-        q = tl.load(q_head + rows * stride_qm + offs_d[None, :], mask=row_mask[:, None] & mask_d[None, :], other=0.0)
-        do = tl.load(do_head + rows * stride_dom + offs_dv[None, :], mask=row_mask[:, None] & mask_dv[None, :],
-                     other=0.0)
+        q = tl.load(tile_pointers(q_head, rows, offs_d[None, :], stride_qm), mask=row_mask[:, None] & mask_d[None, :],
+                    other=0.0)
+        do = tl.load(tile_pointers(do_head, rows, offs_dv[None, :], stride_dom),
+                     mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
         k_desc = K
         v_desc = V
     row_stats = batch_head.to(tl.int64) * seqlen_q
     lse2, delta = _load_row_stats(LSE + row_stats, Delta + row_stats, offs_m, row_mask, True)
-    q = mma_operand(q, DOT_DTYPE, UPCAST)
-    do = mma_operand(do, DOT_DTYPE, UPCAST)
+    q = dot_operand(q, DOT_DTYPE, INTERPRETED_BFLOAT16)
+    do = dot_operand(do, DOT_DTYPE, INTERPRETED_BFLOAT16)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
 
-    k_ptrs = k_head + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-    v_ptrs = v_head + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :]
-    bias_ptr = Bias + batch.to(tl.int64) * stride_bb + head.to(tl.int64) * stride_bh
-    begin, full_begin, full_end, end = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                                 BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for stage in tl.static_range(3):
-        if stage == 0:
-            stage_begin = begin
-            stage_end = tl.minimum(full_begin, end)
-        elif stage == 1:
-            stage_begin = full_begin
-            stage_end = full_end
-        else:
-            stage_begin = tl.maximum(full_begin, full_end)
-            stage_end = end
+    k_ptrs = tile_pointers(k_head, offs_n[:, None], offs_d[None, :], stride_kn)
+    v_ptrs = tile_pointers(v_head, offs_n[:, None], offs_dv[None, :], stride_vn)
+    bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
+    keys = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for stage in tl.static_range(LEFT_EDGE, RIGHT_EDGE + 1):
+        stage_begin, stage_end = stage_bounds(keys, stage)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn,
             stride_bm, stride_bn, offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
             window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            BLOCK_N, stage != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, PAD_D, PAD_DV, DOT_DTYPE, UPCAST,
-            USE_TMA, WARP_SPECIALIZE)
+            BLOCK_N, stage != INTERIOR, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+            PAD_D, PAD_DV, DOT_DTYPE, INTERPRETED_BFLOAT16, USE_TMA, PARTITION_WARPS)
 
-    dq = to_input_dtype(dq * softmax_scale, DOT_DTYPE, UPCAST)
+    dq = round_to_dtype(dq * softmax_scale, DOT_DTYPE, INTERPRETED_BFLOAT16)
     if USE_TMA:
-        tl.make_tensor_descriptor(dq_head, shape=[seqlen_q, HEAD_DIM], strides=[stride_dqm, 1],
-                                  block_shape=[BLOCK_M, BLOCK_D]).store([start_m, 0], dq)
+        matrix_descriptor(dq_head, seqlen_q, stride_dqm, HEAD_DIM, BLOCK_M, BLOCK_D).store([start_m, 0], dq)
     else:
-        tl.store(dq_head + rows * stride_dqm + offs_d[None, :], dq, mask=row_mask[:, None] & mask_d[None, :])
+        tl.store(tile_pointers(dq_head, rows, offs_d[None, :], stride_dqm), dq,
+                 mask=row_mask[:, None] & mask_d[None, :])
 
 
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
@@ -439,26 +425,15 @@ def _attn_bwd_dq_kernel(
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, or with ``PERSISTENT`` ``(num_programs,)`` walking the tiles
     heaviest first (``batch_heads = B * Hq``)."""
     num_blocks = tl.cdiv(seqlen_q, BLOCK_M)
-    if PERSISTENT:
-        for tile in range(tl.program_id(0), num_blocks * batch_heads, num_programs):
-            block_m, batch_head = heaviest_first(tile, num_blocks, batch_heads, True)
-            _attn_bwd_dq_tile(
-                block_m, batch_head, Q, K, V, Bias, DOut, LSE, Delta, DQ,
-                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
-                stride_dqb, stride_dqh, stride_dqm,
-                num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
-                softmax_scale, qk_scale, softcap_scale, softcap_log2,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-                ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE)
-    else:
-        block_m, batch_head = block_and_head(num_blocks)
+    first, stop, step = program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT)
+    for tile in range(first, stop, step):
+        block_m, batch_head = tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT, True)
         _attn_bwd_dq_tile(
             block_m, batch_head, Q, K, V, Bias, DOut, LSE, Delta, DQ,
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -467,7 +442,7 @@ def _attn_bwd_dq_kernel(
             num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
             softmax_scale, qk_scale, softcap_scale, softcap_log2,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-            ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE)
+            ACC_DTYPE, INTERPRETED_BFLOAT16, BLOCK_M, BLOCK_N, USE_TMA, PARTITION_WARPS)
 
 
 def dkdv_parts(config: configs.KernelConfig | None) -> list[dict]:

@@ -1,9 +1,9 @@
 """Device helpers shared by the forward and backward attention kernels.
 
-Lengths are aligned bottom-right (SPEC section 1): query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq`` when
-causal. Each kernel splits its loop into blocks that need no mask (every pair in the tile is visible and
-in bounds) and blocks that do (they cross the diagonal or the end of a sequence); blocks that nobody sees
-are never visited.
+Lengths are aligned bottom-right (docs/semantics.md, 'Masks: causal, sliding window, bias'): query ``i``
+sees key ``j`` iff ``j <= i + Sk - Sq`` when causal. Each kernel splits its loop into blocks that need no
+mask (every pair in the tile is visible and in bounds) and blocks that do (they cross the diagonal or the
+end of a sequence); blocks that nobody sees are never visited.
 """
 
 import triton
@@ -12,7 +12,6 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from flash_softmax._backend import INTERPRETED
-from flash_softmax._triton_helpers import round_to_bfloat16
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): converts a base-2 logsumexp back to the natural log
@@ -23,27 +22,14 @@ LN2_CONSTEXPR = tl.constexpr(LN2)
 # interpreter has no libdevice, so it runs the portable formula of ``tanh`` below.
 LIBDEVICE_TANH = tl.constexpr(not INTERPRETED)
 
-
-@triton.jit
-def to_input_dtype(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """Round ``x`` (the accumulation dtype) to the input dtype. ``UPCAST`` (bfloat16 under the interpreter)
-    rounds on the bit pattern, as the GPU does, where the interpreter's own conversion would truncate."""
-    if UPCAST:
-        return round_to_bfloat16(x.to(tl.float32))
-    return x.to(DTYPE)
-
-
-@triton.jit
-def mma_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """Round ``x`` to the input dtype, as the tensor cores will see it.
-
-    Under Triton's interpreter ``tl.dot`` on bfloat16 multiplies raw bit patterns, so there the rounded
-    value is widened back to float32 (``UPCAST``): same rounding, exact product.
-    """
-    x = to_input_dtype(x, DTYPE, UPCAST)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
+# The stages of a block's walk over the band (``stage_bounds``). A query block walks its keys in three:
+# the masked blocks at the band's left edge, the mask-free interior, and the masked blocks at its right
+# edge and the end of the keys. A key block walks the query blocks that see it in one masked stage, since
+# a second copy of the dK/dV loop does not fit the registers.
+LEFT_EDGE = tl.constexpr(0)
+INTERIOR = tl.constexpr(1)
+RIGHT_EDGE = tl.constexpr(2)
+WHOLE_BAND = tl.constexpr(3)
 
 
 @triton.jit
@@ -70,6 +56,74 @@ def heaviest_first(tile, num_blocks, batch_heads, LAST_BLOCK_HEAVIEST: tl.conste
     if LAST_BLOCK_HEAVIEST:
         block = num_blocks - 1 - block
     return block, tile % batch_heads
+
+
+@triton.jit
+def program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT: tl.constexpr):
+    """``(first, stop, step)`` of the tiles this program computes, for ``tile_coordinates``.
+
+    A plain grid has one program per tile (``num_blocks * batch_heads`` of them) and its loop runs once;
+    with ``PERSISTENT`` each of ``num_programs`` programs walks tiles ``pid, pid + num_programs, ...``.
+    The plain bounds are constants, so the compiler removes that loop altogether.
+    """
+    if PERSISTENT:
+        return tl.program_id(0), num_blocks * batch_heads, num_programs
+    return 0, 1, 1
+
+
+@triton.jit
+def tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT: tl.constexpr,
+                     LAST_BLOCK_HEAVIEST: tl.constexpr):
+    """``(block index, batch * head index)`` of tile number ``tile`` of ``program_tiles``: on a plain grid
+    this program's own (``block_and_head``), on a persistent one heaviest first (``heaviest_first``)."""
+    if PERSISTENT:
+        return heaviest_first(tile, num_blocks, batch_heads, LAST_BLOCK_HEAVIEST)
+    return block_and_head(num_blocks)
+
+
+@triton.jit
+def query_heads(batch_head, num_heads_q, group_size):
+    """``(batch, query head, key/value head)`` of a ``batch * Hq`` index: grouped-query attention reads
+    its group's K/V head in place."""
+    batch = batch_head // num_heads_q
+    head = batch_head % num_heads_q
+    return batch, head, head // group_size
+
+
+@triton.jit
+def head_dim_offsets(HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DV: tl.constexpr):
+    """``(offs_d, offs_dv, mask_d, mask_dv)``: the column indices of the Q/K tiles (``BLOCK_D`` wide) and the
+    V/O tiles (``BLOCK_DV`` wide), and which of them lie inside the head dims (the tiles are padded to a
+    power of two)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    return offs_d, offs_dv, offs_d < HEAD_DIM, offs_dv < HEAD_DIM_V
+
+
+@triton.jit
+def head_start(tensor, batch, head, stride_b, stride_h):
+    """``tensor`` moved to the ``(rows, cols)`` matrix of one ``(batch, head)`` of a ``(B, H, rows, cols)``
+    tensor. 64-bit offsets: ``B * H * S * D`` may exceed 2**31 elements."""
+    return tensor + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+
+
+@triton.jit
+def tile_pointers(matrix, rows, cols, stride_row):
+    """Pointers to the entries (``rows``, ``cols``) (broadcastable index tiles) of a matrix whose rows are
+    contiguous and ``stride_row`` apart; the row offset is 64-bit."""
+    return matrix + rows.to(tl.int64) * stride_row + cols
+
+
+@triton.jit
+def matrix_descriptor(matrix, rows, stride_row, COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                      BLOCK_COLS: tl.constexpr):
+    """Tensor descriptor (TMA on Hopper) of the ``rows x COLS`` matrix at ``matrix`` (contiguous rows,
+    ``stride_row`` apart), read and written in ``BLOCK_ROWS x BLOCK_COLS`` tiles. The hardware zero-fills
+    what lies past its edges, so its tiles need no bounds masks (the band and the key count are still
+    masked on the scores)."""
+    return tl.make_tensor_descriptor(matrix, shape=[rows, COLS], strides=[stride_row, 1],
+                                     block_shape=[BLOCK_ROWS, BLOCK_COLS])
 
 
 @triton.jit
@@ -121,6 +175,35 @@ def query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
     if HAS_LEFT:
         end = tl.minimum(end, tl.maximum(start_n + BLOCK_N - diagonal + window_left, 0))
     return begin, end
+
+
+@triton.jit
+def stage_bounds(band, STAGE: tl.constexpr):
+    """``(stage_begin, stage_end)``: the span one stage of a block's walk over its ``band`` visits.
+
+    ``band`` is ``key_range``'s ``(begin, full_begin, full_end, end)`` for a query block, whose walk has
+    the stages ``LEFT_EDGE`` and ``RIGHT_EDGE`` (masked) and ``INTERIOR`` (mask-free), or any band
+    ``(begin, ..., end)`` walked as one masked ``WHOLE_BAND`` (``query_range``'s ``(begin, end)`` for a key
+    block). A stage with no block of its kind has ``stage_begin >= stage_end`` and is skipped. The band is
+    computed once by the caller, before its first stage: its loops then share one set of bounds.
+    """
+    # One return after the branches: Triton compiles the statements that follow a returning branch too,
+    # and a two-element band cannot be unpacked into four.
+    if STAGE == WHOLE_BAND:
+        stage_begin = band[0]
+        stage_end = band[len(band) - 1]
+    else:
+        begin, full_begin, full_end, end = band
+        if STAGE == LEFT_EDGE:
+            stage_begin = begin
+            stage_end = tl.minimum(full_begin, end)
+        elif STAGE == INTERIOR:
+            stage_begin = full_begin
+            stage_end = full_end
+        else:
+            stage_begin = tl.maximum(full_begin, full_end)
+            stage_end = end
+    return stage_begin, stage_end
 
 
 @triton.jit

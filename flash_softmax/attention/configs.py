@@ -63,7 +63,7 @@ class KernelConfig:
     - ``tma``: Q/K/V/dO tiles are loaded through tensor descriptors (TMA on Hopper) instead of pointer
       tiles; the launcher keeps the pointer path for layouts a descriptor cannot describe.
     - ``warp_specialize``: the loop over the streamed tiles is ``tl.range(..., warp_specialize=True)``
-      (producer warps load, consumer warps compute).
+      (producer warps load, consumer warps compute); the kernels' constexpr for it is ``PARTITION_WARPS``.
     - ``persistent``: one program per SM (or fewer), each walking a share of the tiles, heaviest first.
     - ``split_dkdv`` (dK/dV kernel only): dV and dK are computed by two launches that each hold one
       accumulator, so a 256-wide head fits the registers with wgmma-sized tiles.
@@ -88,7 +88,7 @@ class KernelConfig:
     def constexprs(self) -> dict:
         """The kernel's compile-time arguments for this configuration."""
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, USE_TMA=self.tma,
-                    WARP_SPECIALIZE=self.warp_specialize, PERSISTENT=self.persistent)
+                    PARTITION_WARPS=self.warp_specialize, PERSISTENT=self.persistent)
 
     def launch_options(self) -> dict:
         """Keyword arguments of a launch: the constexprs, ``num_warps`` and ``num_stages``."""
@@ -413,7 +413,7 @@ TMA_OPERANDS = {"forward": ("Q", "K", "V", "Out"), "backward_dkdv": ("Q", "K", "
 def _from_triton(config: triton.Config) -> KernelConfig:
     kwargs = config.kwargs
     return KernelConfig(kwargs["BLOCK_M"], kwargs["BLOCK_N"], config.num_warps, config.num_stages,
-                        tma=kwargs["USE_TMA"], warp_specialize=kwargs["WARP_SPECIALIZE"],
+                        tma=kwargs["USE_TMA"], warp_specialize=kwargs["PARTITION_WARPS"],
                         persistent=kwargs["PERSISTENT"])
 
 

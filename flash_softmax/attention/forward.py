@@ -17,15 +17,23 @@ import torch
 import triton
 import triton.language as tl
 
+from flash_softmax._triton_helpers import dot_operand, round_to_dtype
 from flash_softmax.attention import configs
 from flash_softmax.attention.common import (
-    block_and_head,
-    heaviest_first,
+    INTERIOR,
+    LEFT_EDGE,
+    RIGHT_EDGE,
+    head_dim_offsets,
+    head_start,
     key_range,
     load_tile,
-    mma_operand,
+    matrix_descriptor,
+    program_tiles,
+    query_heads,
     score_tile,
-    to_input_dtype,
+    stage_bounds,
+    tile_coordinates,
+    tile_pointers,
 )
 from flash_softmax.attention.layout import empty_in_layout_of
 from flash_softmax.attention.options import KernelOptions
@@ -40,8 +48,8 @@ def _attn_fwd_inner(
     qk_scale, softcap_scale, softcap_log2,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr,
 ):
     """Fold keys ``[start_n, end_n)`` into ``(acc, m_i, l_i)``; ``MASKED`` blocks apply bounds and the band.
 
@@ -50,7 +58,7 @@ def _attn_fwd_inner(
     """
     k_ptrs += start_n.to(tl.int64) * stride_kn
     v_ptrs += start_n.to(tl.int64) * stride_vn
-    for block_start in tl.range(start_n, end_n, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for block_start in tl.range(start_n, end_n, BLOCK_N, warp_specialize=PARTITION_WARPS):
         cols = block_start + offs_n
         if USE_TMA:
             k = tl.trans(k_desc.load([block_start, 0]))
@@ -61,8 +69,9 @@ def _attn_fwd_inner(
         else:
             k = load_tile(k_ptrs, mask_d[:, None], PAD_D)
             v = load_tile(v_ptrs, mask_dv[None, :], PAD_DV)
+        k = dot_operand(k, DOT_DTYPE, INTERPRETED_BFLOAT16)
         scores, _, _ = score_tile(
-            q, mma_operand(k, DOT_DTYPE, UPCAST), offs_m[:, None], cols[None, :], bias_ptr, stride_bm, stride_bn,
+            q, k, offs_m[:, None], cols[None, :], bias_ptr, stride_bm, stride_bn,
             seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
             acc.dtype, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -72,8 +81,8 @@ def _attn_fwd_inner(
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = tl.dot(mma_operand(p, DOT_DTYPE, UPCAST), mma_operand(v, DOT_DTYPE, UPCAST), acc,
-                     input_precision="ieee", out_dtype=acc.dtype)
+        acc = tl.dot(dot_operand(p, DOT_DTYPE, INTERPRETED_BFLOAT16), dot_operand(v, DOT_DTYPE, INTERPRETED_BFLOAT16),
+                     acc, input_precision="ieee", out_dtype=acc.dtype)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -93,78 +102,57 @@ def _attn_fwd_tile(
     qk_scale, softcap_scale, softcap_log2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr,
 ):
     """Output rows ``[block_m * BLOCK_M, (block_m + 1) * BLOCK_M)`` of one (batch, query head)."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
     start_m = block_m * BLOCK_M
-    batch = batch_head // num_heads_q
-    head = batch_head % num_heads_q
-    head_kv = head // group_size  # grouped-query attention reads its group's K/V head in place
+    batch, head, head_kv = query_heads(batch_head, num_heads_q, group_size)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_d = offs_d < HEAD_DIM
-    mask_dv = offs_dv < HEAD_DIM_V
+    offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
 
-    # 64-bit offsets: B * H * S * D may exceed 2**31 elements.
-    q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_head = K + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-    v_head = V + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
-    o_head = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-    k_ptrs = k_head + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
-    v_ptrs = v_head + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :]
-    bias_ptr = Bias + batch.to(tl.int64) * stride_bb + head.to(tl.int64) * stride_bh
+    q_head = head_start(Q, batch, head, stride_qb, stride_qh)
+    k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
+    v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
+    o_head = head_start(Out, batch, head, stride_ob, stride_oh)
+    k_ptrs = tile_pointers(k_head, offs_n[None, :], offs_d[:, None], stride_kn)
+    v_ptrs = tile_pointers(v_head, offs_n[:, None], offs_dv[None, :], stride_vn)
+    bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
     if USE_TMA:
-        # One (rows, head dim) matrix per head; the hardware zero-fills what lies past its edges, so the
-        # tiles need no bounds masks (the band and the key count are still masked on the scores).
-        q_desc = tl.make_tensor_descriptor(q_head, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
-        k_desc = tl.make_tensor_descriptor(k_head, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_head, shape=[seqlen_k, HEAD_DIM_V], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_DV])
+        q_desc = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
+        k_desc = matrix_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_desc = matrix_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
         q = q_desc.load([start_m, 0])
     else:
         k_desc = K
         v_desc = V
-        q_ptrs = q_head + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+        q_ptrs = tile_pointers(q_head, offs_m[:, None], offs_d[None, :], stride_qm)
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & mask_d[None, :], other=0.0)
-    q = mma_operand(q, DOT_DTYPE, UPCAST)
+    q = dot_operand(q, DOT_DTYPE, INTERPRETED_BFLOAT16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
 
-    begin, full_begin, full_end, end = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                                 BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    # Masked blocks at the band's left edge, mask-free interior, masked blocks at the right edge / the end.
-    for stage in tl.static_range(3):
-        if stage == 0:
-            stage_begin = begin
-            stage_end = tl.minimum(full_begin, end)
-        elif stage == 1:
-            stage_begin = full_begin
-            stage_end = full_end
-        else:
-            stage_begin = tl.maximum(full_begin, full_end)
-            stage_end = end
+    keys = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for stage in tl.static_range(LEFT_EDGE, RIGHT_EDGE + 1):
+        stage_begin, stage_end = stage_bounds(keys, stage)
         acc, m_i, l_i = _attn_fwd_inner(
             acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
             offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
             window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            BLOCK_N, stage != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, PAD_D, PAD_DV, DOT_DTYPE, UPCAST,
-            USE_TMA, WARP_SPECIALIZE)
+            BLOCK_N, stage != INTERIOR, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+            PAD_D, PAD_DV, DOT_DTYPE, INTERPRETED_BFLOAT16, USE_TMA, PARTITION_WARPS)
 
     # A row that saw no key has l = 0: its output is 0 and its lse -inf, never NaN.
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
-    out = to_input_dtype(acc / l_safe[:, None], DOT_DTYPE, UPCAST)
+    out = round_to_dtype(acc / l_safe[:, None], DOT_DTYPE, INTERPRETED_BFLOAT16)
     # Base 2, as the scores are: backward recomputes exp2(s - lse) from the same float32 values, with no
     # ln 2 round trip (the API converts to the natural log once).
     lse = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
@@ -174,13 +162,12 @@ def _attn_fwd_tile(
 
     row_ok = offs_m < seqlen_q
     if USE_TMA:
-        o_desc = tl.make_tensor_descriptor(o_head, shape=[seqlen_q, HEAD_DIM_V], strides=[stride_om, 1],
-                                           block_shape=[BLOCK_M, BLOCK_DV])
-        o_desc.store([start_m, 0], out)
+        matrix_descriptor(o_head, seqlen_q, stride_om, HEAD_DIM_V, BLOCK_M, BLOCK_DV).store([start_m, 0], out)
     else:
-        o_ptrs = o_head + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
-        tl.store(o_ptrs, out, mask=row_ok[:, None] & mask_dv[None, :])
-    tl.store(LSE + batch_head.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
+        tl.store(tile_pointers(o_head, offs_m[:, None], offs_dv[None, :], stride_om), out,
+                 mask=row_ok[:, None] & mask_dv[None, :])
+    # lse is a (B * Hq, Sq) matrix.
+    tl.store(tile_pointers(LSE, batch_head, offs_m, seqlen_q), lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
@@ -196,26 +183,16 @@ def _attn_fwd_kernel(
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, or with ``PERSISTENT`` ``(num_programs,)``, each program then
     walking tiles ``pid, pid + num_programs, ...`` heaviest first (``batch_heads = B * Hq``). Last dims of
     Q/K/V/Out are contiguous; every other stride is passed, and the bias's broadcast dims have stride 0."""
     num_blocks = tl.cdiv(seqlen_q, BLOCK_M)
-    if PERSISTENT:
-        for tile in range(tl.program_id(0), num_blocks * batch_heads, num_programs):
-            block_m, batch_head = heaviest_first(tile, num_blocks, batch_heads, True)
-            _attn_fwd_tile(
-                block_m, batch_head, Q, K, V, Bias, Out, LSE,
-                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_om,
-                num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
-                qk_scale, softcap_scale, softcap_log2,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-                ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE)
-    else:
-        block_m, batch_head = block_and_head(num_blocks)
+    first, stop, step = program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT)
+    for tile in range(first, stop, step):
+        block_m, batch_head = tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT, True)
         _attn_fwd_tile(
             block_m, batch_head, Q, K, V, Bias, Out, LSE,
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -223,7 +200,7 @@ def _attn_fwd_kernel(
             num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
             qk_scale, softcap_scale, softcap_log2,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-            ACC_DTYPE, UPCAST, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPECIALIZE)
+            ACC_DTYPE, INTERPRETED_BFLOAT16, BLOCK_M, BLOCK_N, USE_TMA, PARTITION_WARPS)
 
 
 _attn_fwd_kernel_tuned = configs.autotune("forward", _attn_fwd_kernel)

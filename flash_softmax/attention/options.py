@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 
+from flash_softmax._triton_helpers import interpreted_bfloat16
 from flash_softmax.attention import configs
 from flash_softmax.attention.common import LOG2E
-from flash_softmax._backend import INTERPRETED
 
 # How the kernels treat ``attn_bias`` (the BIAS_KIND constexpr).
 NO_BIAS, ADDITIVE_BIAS, KEEP_MASK = 0, 1, 2
@@ -87,6 +87,5 @@ class KernelOptions:
             HAS_SOFTCAP=self.softcap > 0, BIAS_KIND=self.bias_kind,
             # Accumulate (and keep lse) in float32, or float64 for float64 inputs.
             ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32,
-            # tl.dot on bfloat16 multiplies raw bits in the interpreter: widen its operands there.
-            UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
+            INTERPRETED_BFLOAT16=interpreted_bfloat16(q.dtype),
         )

@@ -39,10 +39,10 @@ _LAUNCHABLE = (
 
 #: Module globals read at call time that make the launchers take the interpreter's path; ``gpu_path``
 #: turns them off so a CPU run selects configurations as a GPU run does.
-_INTERPRETER_SWITCHES = ("flash_softmax.attention.configs", "flash_softmax.attention.options")
+_INTERPRETER_SWITCHES = ("flash_softmax.attention.configs", "flash_softmax._triton_helpers")
 
 CSV_COLUMNS = ("path", "launches", "mode", "dtype", "batch", "heads", "seqlen", "head_dim", "causal", "bias",
-               "calls", "us_median", "us_p20", "us_p80")
+               "calls", "threads", "us_median", "us_p20", "us_p80")
 MODES = ("fwd", "fwd_bwd")
 DEFAULTS = {"dtypes": ["bfloat16"], "batch": 2, "heads": 16, "seqlens": [1024], "head_dims": [128],
             "causal": [False, True]}
@@ -217,8 +217,9 @@ def path_description(device: torch.device) -> str:
     return "compiled-GPU (CUDA) path taken by CPU tensors, every Triton launch a no-op"
 
 
-def run(args: argparse.Namespace, *, on_gpu: bool, out_dir: Path) -> int:
-    """Measure every case, print a table and write ``host_overhead.csv`` to ``out_dir``; return 0."""
+def run(args: argparse.Namespace, *, on_gpu: bool, out_dir: Path, threads: int) -> int:
+    """Measure every case, print a table and write ``host_overhead.csv`` to ``out_dir``; return 0.
+    ``threads`` is torch's thread count, pinned by the caller, recorded in every row."""
     from flash_softmax.bench import output
 
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -226,13 +227,15 @@ def run(args: argparse.Namespace, *, on_gpu: bool, out_dir: Path) -> int:
     selected = cases(args)
     path = path_description(device)
     console = output.make_console()
-    console.print(f"bench --host-overhead: Python time per call of the {path}; {calls} calls per case")
+    console.print(f"bench --host-overhead: Python time per call of the {path}; {calls} calls per case, "
+                  f"{threads} torch threads", markup=False)
     records, rows = [], []
     for case in selected:
         timing = measure(case, device, calls)
         records.append({"path": path, "launches": timing.launches, "mode": case.mode, "dtype": case.dtype,
                         "batch": case.batch, "heads": case.heads, "seqlen": case.seqlen,
                         "head_dim": case.head_dim, "causal": case.causal, "bias": case.bias, "calls": calls,
+                        "threads": threads,
                         "us_median": round(timing.median, 2), "us_p20": round(timing.p20, 2),
                         "us_p80": round(timing.p80, 2)})
         rows.append([case.mode, case.dtype, str(case.batch), str(case.heads), str(case.seqlen), str(case.head_dim),
@@ -244,5 +247,5 @@ def run(args: argparse.Namespace, *, on_gpu: bool, out_dir: Path) -> int:
                        caption="launches: kernel launches per call, each replaced by a no-op; "
                                "fwd = flash_attention forward, fwd_bwd = forward plus .backward()")
     written = output.write_csv(out_dir / "host_overhead.csv", CSV_COLUMNS, records)
-    console.print(f"wrote {written}")
+    console.print(f"wrote {written}", markup=False)
     return 0
