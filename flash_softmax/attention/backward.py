@@ -152,109 +152,6 @@ def _store_gradient(ptrs, x, mask, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         tl.store(ptrs, x.to(DTYPE), mask=mask)
 
 
-@triton.jit
-def _attn_bwd_dkdv_tile(
-    block_n, unit,
-    Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_dob, stride_doh, stride_dom,
-    stride_dks, stride_dkb, stride_dkh, stride_dkn,
-    stride_dvs, stride_dvb, stride_dvh, stride_dvn,
-    num_heads_q, group_size, head_splits, seqlen_q, seqlen_k, window_left, window_right,
-    softmax_scale, qk_scale, softcap_scale, softcap_log2,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
-    SPLIT_GROUPS: tl.constexpr,
-):
-    """dK/dV rows ``[block_n * BLOCK_N, (block_n + 1) * BLOCK_N)`` of one (batch, K/V head), summed over the
-    query heads of one share of its group. ``unit = (batch * Hkv + head_kv) * head_splits + split``: share
-    ``split`` of ``head_splits`` takes consecutive members of the group and writes its partial sums at
-    ``split * stride_dks`` (without ``SPLIT_GROUPS``, ``head_splits = 1``: the whole group, written straight
-    into dK/dV; a compile-time switch, because the share arithmetic costs the registers a 256-wide head
-    does not have)."""
-    DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
-    start_n = block_n * BLOCK_N
-    num_heads_kv = num_heads_q // group_size
-    if SPLIT_GROUPS:
-        split = unit % head_splits
-        batch_head_kv = unit // head_splits
-        members = tl.cdiv(group_size, head_splits)
-        member_begin = split * members
-        member_end = tl.minimum(member_begin + members, group_size)
-        DK += split.to(tl.int64) * stride_dks
-        DV += split.to(tl.int64) * stride_dvs
-    else:
-        batch_head_kv = unit
-        member_begin = 0
-        member_end = group_size
-    batch = batch_head_kv // num_heads_kv
-    head_kv = batch_head_kv % num_heads_kv
-
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
-    key_rows = offs_n[:, None]
-    key_mask = key_rows < seqlen_k
-
-    k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
-    v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
-    if USE_TMA:
-        k = matrix_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D).load([start_n, 0])
-        v = matrix_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV).load([start_n, 0])
-    else:
-        k = tl.load(tile_pointers(k_head, key_rows, offs_d[None, :], stride_kn), mask=key_mask & mask_d[None, :],
-                    other=0.0)
-        v = tl.load(tile_pointers(v_head, key_rows, offs_dv[None, :], stride_vn), mask=key_mask & mask_dv[None, :],
-                    other=0.0)
-    k = dot_operand(k, DOT_DTYPE, INTERPRETED_BFLOAT16)
-    v = dot_operand(v, DOT_DTYPE, INTERPRETED_BFLOAT16)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC_DTYPE)
-
-    # One masked loop over the band. Splitting off the mask-free interior, as the forward and dQ do,
-    # makes ptxas spill here: with dK and dV both accumulating, a second copy of the loop does not
-    # fit the registers (see notes/perf.md and `flash-softmax compile-report`).
-    queries = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
-                          BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    begin, end = stage_bounds(queries, WHOLE_BAND)
-    for member in range(member_begin, member_end):
-        head = head_kv * group_size + member
-        q_head = head_start(Q, batch, head, stride_qb, stride_qh)
-        do_head = head_start(DOut, batch, head, stride_dob, stride_doh)
-        if USE_TMA:
-            q_desc = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
-            do_desc = matrix_descriptor(do_head, seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-        else:
-            q_desc = Q
-            do_desc = DOut
-        bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
-        row_stats = (batch * num_heads_q + head).to(tl.int64) * seqlen_q
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_head, do_head, q_desc, do_desc, LSE + row_stats, Delta + row_stats, bias_ptr,
-            stride_qm, stride_dom, stride_bm, stride_bn, offs_m, offs_n, offs_d, offs_dv, mask_d, mask_dv,
-            begin, end, seqlen_q, seqlen_k, window_left, window_right,
-            qk_scale, softcap_scale, softcap_log2,
-            BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, DOT_DTYPE, INTERPRETED_BFLOAT16,
-            COMPUTE_DK, COMPUTE_DV, USE_TMA, PARTITION_WARPS)
-
-    if COMPUTE_DK:
-        dk = dk * softmax_scale
-        dk_ptrs = tile_pointers(head_start(DK, batch, head_kv, stride_dkb, stride_dkh), key_rows, offs_d[None, :],
-                                stride_dkn)
-        _store_gradient(dk_ptrs, dk, key_mask & mask_d[None, :], DK.dtype.element_ty, DOT_DTYPE,
-                        INTERPRETED_BFLOAT16)
-    if COMPUTE_DV:
-        dv_ptrs = tile_pointers(head_start(DV, batch, head_kv, stride_dvb, stride_dvh), key_rows, offs_dv[None, :],
-                                stride_dvn)
-        _store_gradient(dv_ptrs, dv, key_mask & mask_dv[None, :], DV.dtype.element_ty, DOT_DTYPE,
-                        INTERPRETED_BFLOAT16)
-
-
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
@@ -274,23 +171,97 @@ def _attn_bwd_dkdv_kernel(
     USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, SPLIT_GROUPS: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sk, BLOCK_N) * batch_heads,)`` with ``batch_heads = B * Hkv * head_splits``, or with
-    ``PERSISTENT`` ``(num_programs,)`` walking those tiles heaviest first. Each program sums over its query
-    heads in a fixed order, so grouped-query gradients need no atomics either."""
+    """dK/dV rows ``[block_n * BLOCK_N, (block_n + 1) * BLOCK_N)`` of one (batch, K/V head) per tile, summed
+    over the query heads of one share of its group.
+
+    Grid ``(cdiv(Sk, BLOCK_N) * batch_heads,)`` with ``batch_heads = B * Hkv * head_splits``, or with
+    ``PERSISTENT`` ``(num_programs,)`` walking those tiles heaviest first. A tile's
+    ``unit = (batch * Hkv + head_kv) * head_splits + split``: share ``split`` of ``head_splits`` takes
+    consecutive members of the group and writes its partial sums at ``split * stride_dks`` (without
+    ``SPLIT_GROUPS``, ``head_splits = 1``: the whole group, written straight into dK/dV; a compile-time
+    switch, because the share arithmetic costs the registers a 256-wide head does not have). Each program
+    sums over its query heads in a fixed order, so grouped-query gradients need no atomics either."""
     num_blocks = tl.cdiv(seqlen_k, BLOCK_N)
     first, stop, step = program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT)
+    DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     for tile in range(first, stop, step):
         block_n, unit = tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT, False)
-        _attn_bwd_dkdv_tile(
-            block_n, unit, Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
-            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
-            stride_dks, stride_dkb, stride_dkh, stride_dkn, stride_dvs, stride_dvb, stride_dvh, stride_dvn,
-            num_heads_q, group_size, head_splits, seqlen_q, seqlen_k, window_left, window_right,
-            softmax_scale, qk_scale, softcap_scale, softcap_log2,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-            ACC_DTYPE, INTERPRETED_BFLOAT16, BLOCK_M, BLOCK_N, USE_TMA, PARTITION_WARPS,
-            COMPUTE_DK, COMPUTE_DV, SPLIT_GROUPS)
+        start_n = block_n * BLOCK_N
+        num_heads_kv = num_heads_q // group_size
+        if SPLIT_GROUPS:
+            split = unit % head_splits
+            batch_head_kv = unit // head_splits
+            members = tl.cdiv(group_size, head_splits)
+            member_begin = split * members
+            member_end = tl.minimum(member_begin + members, group_size)
+            dk_out = DK + split.to(tl.int64) * stride_dks
+            dv_out = DV + split.to(tl.int64) * stride_dvs
+        else:
+            batch_head_kv = unit
+            member_begin = 0
+            member_end = group_size
+            dk_out, dv_out = DK, DV
+        batch = batch_head_kv // num_heads_kv
+        head_kv = batch_head_kv % num_heads_kv
+
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        key_rows = offs_n[:, None]
+        key_mask = key_rows < seqlen_k
+
+        k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
+        v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
+        if USE_TMA:
+            k = matrix_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D).load([start_n, 0])
+            v = matrix_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV).load([start_n, 0])
+        else:
+            k = tl.load(tile_pointers(k_head, key_rows, offs_d[None, :], stride_kn), mask=key_mask & mask_d[None, :],
+                        other=0.0)
+            v = tl.load(tile_pointers(v_head, key_rows, offs_dv[None, :], stride_vn), mask=key_mask & mask_dv[None, :],
+                        other=0.0)
+        k = dot_operand(k, DOT_DTYPE, INTERPRETED_BFLOAT16)
+        v = dot_operand(v, DOT_DTYPE, INTERPRETED_BFLOAT16)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC_DTYPE)
+
+        # One masked loop over the band. Splitting off the mask-free interior, as the forward and dQ do,
+        # makes ptxas spill here: with dK and dV both accumulating, a second copy of the loop does not
+        # fit the registers (see notes/perf.md and `flash-softmax compile-report`).
+        queries = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        begin, end = stage_bounds(queries, WHOLE_BAND)
+        for member in range(member_begin, member_end):
+            head = head_kv * group_size + member
+            q_head = head_start(Q, batch, head, stride_qb, stride_qh)
+            do_head = head_start(DOut, batch, head, stride_dob, stride_doh)
+            if USE_TMA:
+                q_desc = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
+                do_desc = matrix_descriptor(do_head, seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
+            else:
+                q_desc = Q
+                do_desc = DOut
+            bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
+            row_stats = (batch * num_heads_q + head).to(tl.int64) * seqlen_q
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_head, do_head, q_desc, do_desc, LSE + row_stats, Delta + row_stats, bias_ptr,
+                stride_qm, stride_dom, stride_bm, stride_bn, offs_m, offs_n, offs_d, offs_dv, mask_d, mask_dv,
+                begin, end, seqlen_q, seqlen_k, window_left, window_right,
+                qk_scale, softcap_scale, softcap_log2,
+                BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, DOT_DTYPE, INTERPRETED_BFLOAT16,
+                COMPUTE_DK, COMPUTE_DV, USE_TMA, PARTITION_WARPS)
+
+        if COMPUTE_DK:
+            dk = dk * softmax_scale
+            dk_ptrs = tile_pointers(head_start(dk_out, batch, head_kv, stride_dkb, stride_dkh), key_rows, offs_d[None, :],
+                                    stride_dkn)
+            _store_gradient(dk_ptrs, dk, key_mask & mask_d[None, :], DK.dtype.element_ty, DOT_DTYPE,
+                            INTERPRETED_BFLOAT16)
+        if COMPUTE_DV:
+            dv_ptrs = tile_pointers(head_start(dv_out, batch, head_kv, stride_dvb, stride_dvh), key_rows, offs_dv[None, :],
+                                    stride_dvn)
+            _store_gradient(dv_ptrs, dv, key_mask & mask_dv[None, :], DV.dtype.element_ty, DOT_DTYPE,
+                            INTERPRETED_BFLOAT16)
 
 
 @triton.jit
@@ -337,80 +308,6 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.jit
-def _attn_bwd_dq_tile(
-    block_m, batch_head,
-    Q, K, V, Bias, DOut, LSE, Delta, DQ,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
-    num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
-    softmax_scale, qk_scale, softcap_scale, softcap_log2,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr,
-):
-    """dQ rows ``[block_m * BLOCK_M, (block_m + 1) * BLOCK_M)`` of one (batch, query head)."""
-    DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
-    start_m = block_m * BLOCK_M
-    batch, head, head_kv = query_heads(batch_head, num_heads_q, group_size)
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
-    rows = offs_m[:, None]
-    row_mask = offs_m < seqlen_q
-
-    q_head = head_start(Q, batch, head, stride_qb, stride_qh)
-    do_head = head_start(DOut, batch, head, stride_dob, stride_doh)
-    k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
-    v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
-    dq_head = head_start(DQ, batch, head, stride_dqb, stride_dqh)
-    if USE_TMA:
-        q = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D).load([start_m, 0])
-        do = matrix_descriptor(do_head, seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV).load([start_m, 0])
-        k_desc = matrix_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
-        v_desc = matrix_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
-    else:
-        q = tl.load(tile_pointers(q_head, rows, offs_d[None, :], stride_qm), mask=row_mask[:, None] & mask_d[None, :],
-                    other=0.0)
-        do = tl.load(tile_pointers(do_head, rows, offs_dv[None, :], stride_dom),
-                     mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
-        k_desc = K
-        v_desc = V
-    row_stats = batch_head.to(tl.int64) * seqlen_q
-    lse2, delta = _load_row_stats(LSE + row_stats, Delta + row_stats, offs_m, row_mask, True)
-    q = dot_operand(q, DOT_DTYPE, INTERPRETED_BFLOAT16)
-    do = dot_operand(do, DOT_DTYPE, INTERPRETED_BFLOAT16)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-
-    k_ptrs = tile_pointers(k_head, offs_n[:, None], offs_d[None, :], stride_kn)
-    v_ptrs = tile_pointers(v_head, offs_n[:, None], offs_dv[None, :], stride_vn)
-    bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
-    keys = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for stage in tl.static_range(LEFT_EDGE, RIGHT_EDGE + 1):
-        stage_begin, stage_end = stage_bounds(keys, stage)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn,
-            stride_bm, stride_bn, offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
-            window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            BLOCK_N, stage != INTERIOR, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-            PAD_D, PAD_DV, DOT_DTYPE, INTERPRETED_BFLOAT16, USE_TMA, PARTITION_WARPS)
-
-    dq = round_to_dtype(dq * softmax_scale, DOT_DTYPE, INTERPRETED_BFLOAT16)
-    if USE_TMA:
-        matrix_descriptor(dq_head, seqlen_q, stride_dqm, HEAD_DIM, BLOCK_M, BLOCK_D).store([start_m, 0], dq)
-    else:
-        tl.store(tile_pointers(dq_head, rows, offs_d[None, :], stride_dqm), dq,
-                 mask=row_mask[:, None] & mask_d[None, :])
-
-
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dq_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DQ,
@@ -428,21 +325,68 @@ def _attn_bwd_dq_kernel(
     ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, or with ``PERSISTENT`` ``(num_programs,)`` walking the tiles
+    """dQ rows ``[block_m * BLOCK_M, (block_m + 1) * BLOCK_M)`` of one (batch, query head) per tile.
+
+    Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, or with ``PERSISTENT`` ``(num_programs,)`` walking the tiles
     heaviest first (``batch_heads = B * Hq``)."""
     num_blocks = tl.cdiv(seqlen_q, BLOCK_M)
     first, stop, step = program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT)
+    DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
     for tile in range(first, stop, step):
         block_m, batch_head = tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT, True)
-        _attn_bwd_dq_tile(
-            block_m, batch_head, Q, K, V, Bias, DOut, LSE, Delta, DQ,
-            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
-            stride_dqb, stride_dqh, stride_dqm,
-            num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
-            softmax_scale, qk_scale, softcap_scale, softcap_log2,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-            ACC_DTYPE, INTERPRETED_BFLOAT16, BLOCK_M, BLOCK_N, USE_TMA, PARTITION_WARPS)
+        start_m = block_m * BLOCK_M
+        batch, head, head_kv = query_heads(batch_head, num_heads_q, group_size)
+
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        rows = offs_m[:, None]
+        row_mask = offs_m < seqlen_q
+
+        q_head = head_start(Q, batch, head, stride_qb, stride_qh)
+        do_head = head_start(DOut, batch, head, stride_dob, stride_doh)
+        k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
+        v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
+        dq_head = head_start(DQ, batch, head, stride_dqb, stride_dqh)
+        if USE_TMA:
+            q = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D).load([start_m, 0])
+            do = matrix_descriptor(do_head, seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV).load([start_m, 0])
+            k_desc = matrix_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
+            v_desc = matrix_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
+        else:
+            q = tl.load(tile_pointers(q_head, rows, offs_d[None, :], stride_qm), mask=row_mask[:, None] & mask_d[None, :],
+                        other=0.0)
+            do = tl.load(tile_pointers(do_head, rows, offs_dv[None, :], stride_dom),
+                         mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
+            k_desc = K
+            v_desc = V
+        row_stats = batch_head.to(tl.int64) * seqlen_q
+        lse2, delta = _load_row_stats(LSE + row_stats, Delta + row_stats, offs_m, row_mask, True)
+        q = dot_operand(q, DOT_DTYPE, INTERPRETED_BFLOAT16)
+        do = dot_operand(do, DOT_DTYPE, INTERPRETED_BFLOAT16)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+
+        k_ptrs = tile_pointers(k_head, offs_n[:, None], offs_d[None, :], stride_kn)
+        v_ptrs = tile_pointers(v_head, offs_n[:, None], offs_dv[None, :], stride_vn)
+        bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
+        keys = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        for stage in tl.static_range(LEFT_EDGE, RIGHT_EDGE + 1):
+            stage_begin, stage_end = stage_bounds(keys, stage)
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn,
+                stride_bm, stride_bn, offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
+                window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+                BLOCK_N, stage != INTERIOR, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+                PAD_D, PAD_DV, DOT_DTYPE, INTERPRETED_BFLOAT16, USE_TMA, PARTITION_WARPS)
+
+        dq = round_to_dtype(dq * softmax_scale, DOT_DTYPE, INTERPRETED_BFLOAT16)
+        if USE_TMA:
+            matrix_descriptor(dq_head, seqlen_q, stride_dqm, HEAD_DIM, BLOCK_M, BLOCK_D).store([start_m, 0], dq)
+        else:
+            tl.store(tile_pointers(dq_head, rows, offs_d[None, :], stride_dqm), dq,
+                     mask=row_mask[:, None] & mask_d[None, :])
 
 
 def dkdv_parts(config: configs.KernelConfig | None) -> list[dict]:

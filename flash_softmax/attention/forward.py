@@ -89,87 +89,6 @@ def _attn_fwd_inner(
     return acc, m_i, l_i
 
 
-@triton.jit
-def _attn_fwd_tile(
-    block_m, batch_head,
-    Q, K, V, Bias, Out, LSE,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_ob, stride_oh, stride_om,
-    num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
-    qk_scale, softcap_scale, softcap_log2,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr,
-):
-    """Output rows ``[block_m * BLOCK_M, (block_m + 1) * BLOCK_M)`` of one (batch, query head)."""
-    DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
-    start_m = block_m * BLOCK_M
-    batch, head, head_kv = query_heads(batch_head, num_heads_q, group_size)
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
-
-    q_head = head_start(Q, batch, head, stride_qb, stride_qh)
-    k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
-    v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
-    o_head = head_start(Out, batch, head, stride_ob, stride_oh)
-    k_ptrs = tile_pointers(k_head, offs_n[None, :], offs_d[:, None], stride_kn)
-    v_ptrs = tile_pointers(v_head, offs_n[:, None], offs_dv[None, :], stride_vn)
-    bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
-    if USE_TMA:
-        q_desc = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
-        k_desc = matrix_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
-        v_desc = matrix_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
-        q = q_desc.load([start_m, 0])
-    else:
-        k_desc = K
-        v_desc = V
-        q_ptrs = tile_pointers(q_head, offs_m[:, None], offs_d[None, :], stride_qm)
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & mask_d[None, :], other=0.0)
-    q = dot_operand(q, DOT_DTYPE, INTERPRETED_BFLOAT16)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
-
-    keys = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for stage in tl.static_range(LEFT_EDGE, RIGHT_EDGE + 1):
-        stage_begin, stage_end = stage_bounds(keys, stage)
-        acc, m_i, l_i = _attn_fwd_inner(
-            acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
-            offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
-            window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            BLOCK_N, stage != INTERIOR, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-            PAD_D, PAD_DV, DOT_DTYPE, INTERPRETED_BFLOAT16, USE_TMA, PARTITION_WARPS)
-
-    # A row that saw no key has l = 0: its output is 0 and its lse -inf, never NaN.
-    empty_row = l_i == 0.0
-    l_safe = tl.where(empty_row, 1.0, l_i)
-    out = round_to_dtype(acc / l_safe[:, None], DOT_DTYPE, INTERPRETED_BFLOAT16)
-    # Base 2, as the scores are: backward recomputes exp2(s - lse) from the same float32 values, with no
-    # ln 2 round trip (the API converts to the natural log once).
-    lse = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
-    # A +inf score makes l NaN (inf - inf); logsumexp is +inf there, and backward then keeps P finite
-    # wherever the reference does.
-    lse = tl.where(m_i == float("inf"), float("inf"), lse)
-
-    row_ok = offs_m < seqlen_q
-    if USE_TMA:
-        matrix_descriptor(o_head, seqlen_q, stride_om, HEAD_DIM_V, BLOCK_M, BLOCK_DV).store([start_m, 0], out)
-    else:
-        tl.store(tile_pointers(o_head, offs_m[:, None], offs_dv[None, :], stride_om), out,
-                 mask=row_ok[:, None] & mask_dv[None, :])
-    # lse is a (B * Hq, Sq) matrix.
-    tl.store(tile_pointers(LSE, batch_head, offs_m, seqlen_q), lse, mask=row_ok)
-
-
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_fwd_kernel(
     Q, K, V, Bias, Out, LSE,
@@ -186,21 +105,78 @@ def _attn_fwd_kernel(
     ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, or with ``PERSISTENT`` ``(num_programs,)``, each program then
-    walking tiles ``pid, pid + num_programs, ...`` heaviest first (``batch_heads = B * Hq``). Last dims of
-    Q/K/V/Out are contiguous; every other stride is passed, and the bias's broadcast dims have stride 0."""
+    """Output rows ``[block_m * BLOCK_M, (block_m + 1) * BLOCK_M)`` of one (batch, query head) per tile.
+
+    Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, one tile per program, or with ``PERSISTENT`` ``(num_programs,)``,
+    each program then walking tiles ``pid, pid + num_programs, ...`` heaviest first (``batch_heads = B * Hq``).
+    Last dims of Q/K/V/Out are contiguous; every other stride is passed, and the bias's broadcast dims have
+    stride 0."""
     num_blocks = tl.cdiv(seqlen_q, BLOCK_M)
     first, stop, step = program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT)
+    DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
     for tile in range(first, stop, step):
         block_m, batch_head = tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT, True)
-        _attn_fwd_tile(
-            block_m, batch_head, Q, K, V, Bias, Out, LSE,
-            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_om,
-            num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
-            qk_scale, softcap_scale, softcap_log2,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-            ACC_DTYPE, INTERPRETED_BFLOAT16, BLOCK_M, BLOCK_N, USE_TMA, PARTITION_WARPS)
+        start_m = block_m * BLOCK_M
+        batch, head, head_kv = query_heads(batch_head, num_heads_q, group_size)
+
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+
+        q_head = head_start(Q, batch, head, stride_qb, stride_qh)
+        k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
+        v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
+        o_head = head_start(Out, batch, head, stride_ob, stride_oh)
+        k_ptrs = tile_pointers(k_head, offs_n[None, :], offs_d[:, None], stride_kn)
+        v_ptrs = tile_pointers(v_head, offs_n[:, None], offs_dv[None, :], stride_vn)
+        bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
+        if USE_TMA:
+            q_desc = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
+            k_desc = matrix_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
+            v_desc = matrix_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
+            q = q_desc.load([start_m, 0])
+        else:
+            k_desc = K
+            v_desc = V
+            q_ptrs = tile_pointers(q_head, offs_m[:, None], offs_d[None, :], stride_qm)
+            q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & mask_d[None, :], other=0.0)
+        q = dot_operand(q, DOT_DTYPE, INTERPRETED_BFLOAT16)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+        l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
+
+        keys = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        for stage in tl.static_range(LEFT_EDGE, RIGHT_EDGE + 1):
+            stage_begin, stage_end = stage_bounds(keys, stage)
+            acc, m_i, l_i = _attn_fwd_inner(
+                acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
+                offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
+                window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+                BLOCK_N, stage != INTERIOR, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+                PAD_D, PAD_DV, DOT_DTYPE, INTERPRETED_BFLOAT16, USE_TMA, PARTITION_WARPS)
+
+        # A row that saw no key has l = 0: its output is 0 and its lse -inf, never NaN.
+        empty_row = l_i == 0.0
+        l_safe = tl.where(empty_row, 1.0, l_i)
+        out = round_to_dtype(acc / l_safe[:, None], DOT_DTYPE, INTERPRETED_BFLOAT16)
+        # Base 2, as the scores are: backward recomputes exp2(s - lse) from the same float32 values, with no
+        # ln 2 round trip (the API converts to the natural log once).
+        lse = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
+        # A +inf score makes l NaN (inf - inf); logsumexp is +inf there, and backward then keeps P finite
+        # wherever the reference does.
+        lse = tl.where(m_i == float("inf"), float("inf"), lse)
+
+        row_ok = offs_m < seqlen_q
+        if USE_TMA:
+            matrix_descriptor(o_head, seqlen_q, stride_om, HEAD_DIM_V, BLOCK_M, BLOCK_DV).store([start_m, 0], out)
+        else:
+            tl.store(tile_pointers(o_head, offs_m[:, None], offs_dv[None, :], stride_om), out,
+                     mask=row_ok[:, None] & mask_dv[None, :])
+        # lse is a (B * Hq, Sq) matrix.
+        tl.store(tile_pointers(LSE, batch_head, offs_m, seqlen_q), lse, mask=row_ok)
 
 
 _attn_fwd_kernel_tuned = configs.autotune("forward", _attn_fwd_kernel)
