@@ -46,7 +46,7 @@ def tile_mask(row_mask, cols, n_cols):
     return row_mask[:, None] & (cols < n_cols)[None, :]
 
 
-def launch_by_rows(single_block_kernel, tiled_kernel, inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
+def launch_by_rows(kernel, inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
                    dim: int, log: bool, config: KernelConfig | None) -> None:
     """Run one softmax op's kernel over the rows of ``inputs`` along ``dim``, writing ``output``.
 
@@ -60,23 +60,22 @@ def launch_by_rows(single_block_kernel, tiled_kernel, inputs: tuple[torch.Tensor
         return
     layout = row_layout((*inputs, output), dim)
     if layout is not None:
-        _launch(single_block_kernel, tiled_kernel, (*inputs, output), layout, log, config)
+        _launch(kernel, (*inputs, output), layout, log, config)
         return
     inputs = tuple(tensor.contiguous() for tensor in inputs)
     written = output if output.is_contiguous() else torch.empty_like(inputs[0])
     tensors = (*inputs, written)
-    _launch(single_block_kernel, tiled_kernel, tensors, row_layout(tensors, dim), log, config)
+    _launch(kernel, tensors, row_layout(tensors, dim), log, config)
     if written is not output:
         output.copy_(written)
 
 
-def _launch(single_block_kernel, tiled_kernel, tensors: tuple[torch.Tensor, ...], layout: RowLayout, log: bool,
+def _launch(kernel, tensors: tuple[torch.Tensor, ...], layout: RowLayout, log: bool,
             config: KernelConfig | None) -> None:
-    """Launch the kernel that ``config`` (or the heuristic) picks on ``tensors`` (the inputs, then the
-    output) laid out as ``layout``."""
+    """Launch ``kernel`` on ``tensors`` (the inputs, then the output) laid out as ``layout``, in the regime
+    (single tile or ``TILED``) and with the tiles that ``config`` (or the heuristic) picks."""
     if config is None:
         config = choose_config(layout.n_cols, layout.n_inner, columns_contiguous=layout.strides[0][1] == 1)
-    kernel = tiled_kernel if config.tiled else single_block_kernel
     grid = (layout.n_outer * triton.cdiv(layout.n_inner, config.rows_per_program),)
     with device_guard(tensors[0]):
         kernel[grid](
@@ -85,6 +84,7 @@ def _launch(single_block_kernel, tiled_kernel, tensors: tuple[torch.Tensor, ...]
             layout.n_cols,
             *layout.strides,
             LOG=log,
+            TILED=config.tiled,
             BLOCK_SIZE=config.block_size,
             ROWS_PER_PROGRAM=config.rows_per_program,
             INTERPRETED_BFLOAT16=interpreted_bfloat16(tensors[-1].dtype),

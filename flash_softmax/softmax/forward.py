@@ -28,73 +28,64 @@ from flash_softmax.softmax.configs import KernelConfig
 
 
 @triton.jit
-def _softmax_forward_single_block_kernel(
+def _softmax_forward_kernel(
     x_ptr, y_ptr, n_inner, n_cols, x_strides, y_strides,
-    LOG: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+    LOG: tl.constexpr, TILED: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
     INTERPRETED_BFLOAT16: tl.constexpr,
 ):
-    """Rows that fit one tile: one read of x, one write of y. ``BLOCK_SIZE >= n_cols``."""
+    """y of ``ROWS_PER_PROGRAM`` rows. Without ``TILED`` the rows fit one tile (``BLOCK_SIZE >= n_cols``): one
+    read of x, one write of y. With ``TILED``, rows of any length: an online pass for max and sum, then a pass
+    that writes y."""
     x_rows, row_mask = program_rows(n_inner, x_strides, ROWS_PER_PROGRAM)
     y_rows, _ = program_rows(n_inner, y_strides, ROWS_PER_PROGRAM)
     cols = tl.arange(0, BLOCK_SIZE).to(tl.int64)
-    mask = tile_mask(row_mask, cols, n_cols)
+    if TILED:
+        # First pass. After each tile, row_sum = sum(exp(x_seen - row_max)) over the columns seen so far,
+        # and it is rescaled by exp(old_max - new_max) whenever the max grows.
+        row_max = tl.full([ROWS_PER_PROGRAM], -float("inf"), tl.float32)
+        row_sum = tl.zeros([ROWS_PER_PROGRAM], tl.float32)
+        for start in range(0, n_cols, BLOCK_SIZE):
+            col = start + cols
+            mask = tile_mask(row_mask, col, n_cols)
+            x = tl.load(row_tile(x_ptr, x_rows, col, x_strides), mask=mask, other=-float("inf")).to(tl.float32)
+            new_max = tl.maximum(row_max, tl.max(x, axis=1))
+            # While every column seen is -inf, new_max is -inf and exp(-inf - -inf) would be NaN, poisoning
+            # a row that later turns out finite. Shifting by 0 instead keeps the sum at exactly 0 until a
+            # finite value arrives; a row that stays all -inf is still made NaN by the second pass.
+            shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+            row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+            row_max = new_max
 
-    # Padding lanes read -inf: they add exp(-inf) = 0 to the sum and never win the max.
-    x = tl.load(row_tile(x_ptr, x_rows, cols, x_strides), mask=mask, other=-float("inf")).to(tl.float32)
-    row_max = tl.max(x, axis=1)
-    shifted = x - row_max[:, None]
-    exponentials = tl.exp(shifted)
-    row_sum = tl.sum(exponentials, axis=1)
-    if LOG:
-        y = shifted - tl.log(row_sum)[:, None]
-    else:
-        y = exponentials * (1.0 / row_sum)[:, None]
-    y_pointers = row_tile(y_ptr, y_rows, cols, y_strides)
-    tl.store(y_pointers, round_to_dtype(y, y_ptr.dtype.element_ty, INTERPRETED_BFLOAT16), mask=mask)
-
-
-@triton.jit
-def _softmax_forward_tiled_kernel(
-    x_ptr, y_ptr, n_inner, n_cols, x_strides, y_strides,
-    LOG: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-    INTERPRETED_BFLOAT16: tl.constexpr,
-):
-    """Rows of any length: an online pass for max and sum, then a pass that writes y."""
-    x_rows, row_mask = program_rows(n_inner, x_strides, ROWS_PER_PROGRAM)
-    y_rows, _ = program_rows(n_inner, y_strides, ROWS_PER_PROGRAM)
-    cols = tl.arange(0, BLOCK_SIZE).to(tl.int64)
-
-    # First pass. After each tile, row_sum = sum(exp(x_seen - row_max)) over the columns seen so far,
-    # and it is rescaled by exp(old_max - new_max) whenever the max grows.
-    row_max = tl.full([ROWS_PER_PROGRAM], -float("inf"), tl.float32)
-    row_sum = tl.zeros([ROWS_PER_PROGRAM], tl.float32)
-    for start in range(0, n_cols, BLOCK_SIZE):
-        col = start + cols
-        mask = tile_mask(row_mask, col, n_cols)
-        x = tl.load(row_tile(x_ptr, x_rows, col, x_strides), mask=mask, other=-float("inf")).to(tl.float32)
-        new_max = tl.maximum(row_max, tl.max(x, axis=1))
-        # While every column seen is -inf, new_max is -inf and exp(-inf - -inf) would be NaN, poisoning
-        # a row that later turns out finite. Shifting by 0 instead keeps the sum at exactly 0 until a
-        # finite value arrives; a row that stays all -inf is still made NaN by the second pass.
-        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-        row_max = new_max
-
-    # Second pass: the same x - row_max as the single-block kernel, so both regimes agree.
-    if LOG:
-        row_offset = tl.log(row_sum)
-    else:
-        row_scale = 1.0 / row_sum
-    for start in range(0, n_cols, BLOCK_SIZE):
-        col = start + cols
-        mask = tile_mask(row_mask, col, n_cols)
-        x = tl.load(row_tile(x_ptr, x_rows, col, x_strides), mask=mask, other=-float("inf")).to(tl.float32)
-        shifted = x - row_max[:, None]
+        # Second pass: the same x - row_max as the single-tile branch, so both regimes agree.
         if LOG:
-            y = shifted - row_offset[:, None]
+            row_offset = tl.log(row_sum)
         else:
-            y = tl.exp(shifted) * row_scale[:, None]
-        y_pointers = row_tile(y_ptr, y_rows, col, y_strides)
+            row_scale = 1.0 / row_sum
+        for start in range(0, n_cols, BLOCK_SIZE):
+            col = start + cols
+            mask = tile_mask(row_mask, col, n_cols)
+            x = tl.load(row_tile(x_ptr, x_rows, col, x_strides), mask=mask, other=-float("inf")).to(tl.float32)
+            shifted = x - row_max[:, None]
+            if LOG:
+                y = shifted - row_offset[:, None]
+            else:
+                y = tl.exp(shifted) * row_scale[:, None]
+            y_pointers = row_tile(y_ptr, y_rows, col, y_strides)
+            tl.store(y_pointers, round_to_dtype(y, y_ptr.dtype.element_ty, INTERPRETED_BFLOAT16), mask=mask)
+    else:
+        mask = tile_mask(row_mask, cols, n_cols)
+
+        # Padding lanes read -inf: they add exp(-inf) = 0 to the sum and never win the max.
+        x = tl.load(row_tile(x_ptr, x_rows, cols, x_strides), mask=mask, other=-float("inf")).to(tl.float32)
+        row_max = tl.max(x, axis=1)
+        shifted = x - row_max[:, None]
+        exponentials = tl.exp(shifted)
+        row_sum = tl.sum(exponentials, axis=1)
+        if LOG:
+            y = shifted - tl.log(row_sum)[:, None]
+        else:
+            y = exponentials * (1.0 / row_sum)[:, None]
+        y_pointers = row_tile(y_ptr, y_rows, cols, y_strides)
         tl.store(y_pointers, round_to_dtype(y, y_ptr.dtype.element_ty, INTERPRETED_BFLOAT16), mask=mask)
 
 
@@ -119,5 +110,5 @@ def softmax_forward(
         contiguous otherwise.
     """
     y = torch.empty_like(x)
-    launch_by_rows(_softmax_forward_single_block_kernel, _softmax_forward_tiled_kernel, (x,), y, dim, log, config)
+    launch_by_rows(_softmax_forward_kernel, (x,), y, dim, log, config)
     return y
