@@ -32,7 +32,7 @@ from flash_softmax.attention.common import (
     load_tile,
     matrix_descriptor,
     program_tiles,
-    query_heads,
+    query_block,
     query_range,
     score_tile,
     stage_bounds,
@@ -329,17 +329,11 @@ def _attn_bwd_dq_kernel(
 
     Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, or with ``PERSISTENT`` ``(num_programs,)`` walking the tiles
     heaviest first (``batch_heads = B * Hq``)."""
-    num_blocks = tl.cdiv(seqlen_q, BLOCK_M)
-    first, stop, step = program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT)
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    PAD_DV: tl.constexpr = BLOCK_DV != HEAD_DIM_V
+    first, stop, step = program_tiles(tl.cdiv(seqlen_q, BLOCK_M), batch_heads, num_programs, PERSISTENT)
     for tile in range(first, stop, step):
-        block_m, batch_head = tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT, True)
-        start_m = block_m * BLOCK_M
-        batch, head, head_kv = query_heads(batch_head, num_heads_q, group_size)
-
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        batch_head, batch, head, head_kv, start_m, offs_m = query_block(
+            tile, seqlen_q, batch_heads, num_heads_q, group_size, PERSISTENT, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
         rows = offs_m[:, None]
@@ -379,7 +373,8 @@ def _attn_bwd_dq_kernel(
                 stride_bm, stride_bn, offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
                 window_left, window_right, qk_scale, softcap_scale, softcap_log2,
                 BLOCK_N, stage != INTERIOR, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-                PAD_D, PAD_DV, DOT_DTYPE, INTERPRETED_BFLOAT16, USE_TMA, PARTITION_WARPS)
+                BLOCK_D != HEAD_DIM, BLOCK_DV != HEAD_DIM_V, DOT_DTYPE, INTERPRETED_BFLOAT16, USE_TMA,
+                PARTITION_WARPS)
 
         dq = round_to_dtype(dq * softmax_scale, DOT_DTYPE, INTERPRETED_BFLOAT16)
         if USE_TMA:

@@ -82,12 +82,16 @@ def tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT: tl.constexpr,
 
 
 @triton.jit
-def query_heads(batch_head, num_heads_q, group_size):
-    """``(batch, query head, key/value head)`` of a ``batch * Hq`` index: grouped-query attention reads
-    its group's K/V head in place."""
+def query_block(tile, seqlen_q, batch_heads, num_heads_q, group_size, PERSISTENT: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """The query block of tile number ``tile`` of ``program_tiles`` over ``cdiv(Sq, BLOCK_M)`` blocks per head,
+    as ``(batch * Hq index, batch, query head, key/value head, first row, rows)``: grouped-query attention
+    reads its group's K/V head in place. Under a bottom-right band the last block is the heaviest."""
+    block_m, batch_head = tile_coordinates(tile, tl.cdiv(seqlen_q, BLOCK_M), batch_heads, PERSISTENT, True)
     batch = batch_head // num_heads_q
     head = batch_head % num_heads_q
-    return batch, head, head // group_size
+    start_m = block_m * BLOCK_M
+    return batch_head, batch, head, head // group_size, start_m, start_m + tl.arange(0, BLOCK_M)
 
 
 @triton.jit
