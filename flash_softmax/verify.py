@@ -20,7 +20,6 @@ import inspect
 import itertools
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
