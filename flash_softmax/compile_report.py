@@ -58,8 +58,10 @@ DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 WGMMA_DTYPES = ("float16", "bfloat16")
 #: Which configurations of a space a report covers.
 SELECTIONS = ("defaults", "pruned", "unpruned")
-_FLOAT_ARGUMENTS = {"softmax_scale", "qk_scale", "softcap_scale", "softcap_log2"}
+_FLOAT_ARGUMENTS = {"softmax_scale", "qk_scale", "softcap_scale", "softcap_log2", "dropout_scale"}
 _STATISTICS_POINTERS = {"LSE", "Delta"}  # float32, float64 for float64 inputs
+# Pointers of a fixed type whatever the inputs': ALiBi slopes are float32, dropout's state int64.
+_TYPED_POINTERS = {"Alibi": "*fp32", "Rng": "*i64"}
 # The instructions counted in the SASS; HGMMA is counted per shape.
 _COUNTED = ("HMMA", "UTMALDG", "UTMASTG", "LDGSTS")
 # A SASS instruction line: "/*0a90*/  @!P0 HGMMA.64x32x16.F32.BF16 R104, ..." -> opcode and modifiers.
@@ -190,6 +192,8 @@ def _signature(jit_function, constexprs: dict, dtype: str) -> dict:
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
+        elif name in _TYPED_POINTERS:
+            signature[name] = _TYPED_POINTERS[name]
         elif name in _STATISTICS_POINTERS:
             signature[name] = "*fp64" if dtype == "fp64" else "*fp32"
         elif name[0].isupper() and not name.endswith("_BUCKET"):
@@ -282,6 +286,7 @@ def attention_constexprs(head_dim: int, causal: bool) -> dict:
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=width, BLOCK_DV=width,
         HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False, BIAS_KIND=0, ACC_DTYPE=tl.float32,
+        HAS_SINKS=False, HAS_ALIBI=False, HAS_DROPOUT=False,
         INTERPRETED_BFLOAT16=False,
     )
 

@@ -10,7 +10,16 @@ import math
 
 import torch
 
-__all__ = ["attention", "softmax", "log_softmax", "compute_dtype", "band_mask"]
+from flash_softmax._random import DROPOUT_BITS, dropout_rng_state, dropout_threshold
+
+__all__ = ["attention", "softmax", "log_softmax", "compute_dtype", "band_mask", "alibi_bias", "dropout_keep_mask",
+           "philox"]
+
+_MASK32 = 0xFFFFFFFF
+# Philox-4x32's round multipliers and key increments (Salmon et al., "Parallel random numbers: as easy as
+# 1, 2, 3", SC 2011), as Triton's tl.philox uses them.
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 
 
 def compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
@@ -48,6 +57,55 @@ def band_mask(
     return keep
 
 
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of ``a * b`` for a 32-bit constant ``a`` and int64 tensor ``b`` of 32-bit
+    values, without int64 overflow: ``a`` is split into 16-bit halves."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    high_part, low_part = a_hi * b, a_lo * b  # each below 2**48
+    hi = (high_part + (low_part >> 16)) >> 16
+    lo = (((high_part & 0xFFFF) << 16) + low_part) & _MASK32
+    return hi, lo
+
+
+def philox(seed: int | torch.Tensor, c0, c1, c2, c3, rounds: int = 10) -> tuple[torch.Tensor, ...]:
+    """Philox-4x32 with key ``seed`` (64 bits: low word first) on counters ``c0..c3`` (broadcastable int64
+    tensors of 32-bit values); the four 32-bit output words as int64 tensors. Plain integer arithmetic, the
+    oracle of the kernels' ``tl.philox``."""
+    seed = int(seed)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c).to(torch.int64) & _MASK32 for c in (c0, c1, c2, c3)))
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _MASK32, (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_keep_mask(
+    rng_state: torch.Tensor, dropout_p: float, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
+) -> torch.Tensor:
+    """Bool ``(B, H, Sq, Sk)``: which probabilities dropout keeps for the ``(seed, offset)`` pair ``rng_state``
+    (see ``flash_softmax._random``): element ``(b, h, i, j)`` is kept iff the top 31 bits of the first word
+    of ``philox(seed, (j, i, b * H + h, offset))`` reach ``round(p * 2**31)``. Built on the CPU."""
+    seed, offset = (int(x) for x in rng_state.detach().cpu().tolist())
+    cols = torch.arange(seqlen_k, dtype=torch.int64)[None, None, None, :]
+    rows = torch.arange(seqlen_q, dtype=torch.int64)[None, None, :, None]
+    heads_index = torch.arange(batch * heads, dtype=torch.int64).view(batch, heads, 1, 1)
+    word, _, _, _ = philox(seed, cols, rows, heads_index, offset)
+    return (word >> (32 - DROPOUT_BITS)) >= dropout_threshold(dropout_p)
+
+
+def alibi_bias(alibi_slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi's ``-slope * |i + Sk - Sq - j|`` as a ``(B or 1, Hq, Sq, Sk)`` tensor in ``dtype``, from slopes
+    ``(Hq,)`` or ``(B, Hq)`` (FlashAttention 2's definition, aligned to the bottom-right corner)."""
+    slopes = alibi_slopes.detach().to(dtype)
+    slopes = slopes.view(1, -1) if slopes.dim() == 1 else slopes
+    rows = torch.arange(seqlen_q, device=slopes.device)[:, None] + (seqlen_k - seqlen_q)
+    cols = torch.arange(seqlen_k, device=slopes.device)[None, :]
+    return -slopes[:, :, None, None] * (rows - cols).abs().to(dtype)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,8 +116,13 @@ def attention(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     attn_bias: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
     return_lse: bool = False,
     upcast: bool = True,
+    dropout_mask: torch.Tensor | None = None,
+    rng_state: torch.Tensor | None = None,
 ):
     """Materialised attention with the semantics of ``flash_softmax.flash_attention``.
 
@@ -67,13 +130,19 @@ def attention(
         q: ``(B, Hq, Sq, D)``.
         k: ``(B, Hkv, Sk, D)``, ``Hq % Hkv == 0`` (grouped heads are repeated here, which the kernels never do).
         v: ``(B, Hkv, Sk, Dv)``.
-        causal, softmax_scale, window_size, softcap, attn_bias: as in ``flash_attention``.
-        return_lse: also return the float32 ``(B, Hq, Sq)`` logsumexp of the scaled scores.
+        causal, softmax_scale, window_size, softcap, attn_bias, sinks, alibi_slopes, dropout_p: as in
+            ``flash_attention``. Gradients reach a float ``attn_bias`` and ``sinks`` that require them.
+        return_lse: also return the float32 ``(B, Hq, Sq)`` logsumexp of the final scores (with the sink).
         upcast: compute in float32 (float64 for float64 input) when True, in the input dtype when False.
+        dropout_mask: with ``dropout_p > 0``, a bool keep-mask broadcastable to ``(B, Hq, Sq, Sk)`` to use
+            instead of the generator's (tests recover the kernels' mask and pass it here).
+        rng_state: with ``dropout_p > 0`` and no ``dropout_mask``, the ``(seed, offset)`` pair whose mask
+            (``dropout_keep_mask``) to use; when None it is drawn as ``flash_attention`` draws it, so after
+            the same ``torch.manual_seed`` both drop the same elements.
 
     Returns:
         ``out (B, Hq, Sq, Dv)`` in the input dtype, and ``lse`` when ``return_lse``. A row that sees no key
-        gives output 0 and lse ``-inf``; its gradients are 0.
+        gives output 0 and lse ``-inf`` (``sinks[h]`` with sinks); its gradients are 0.
     """
     dtype = compute_dtype(q.dtype, upcast)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
@@ -91,17 +160,31 @@ def attention(
             scores = scores.masked_fill(~attn_bias, float("-inf"))
         else:
             scores = scores + attn_bias.to(dtype)
-    keep = band_mask(q.shape[-2], k.shape[-2], causal, window_size, q.device)
+    seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, seqlen_q, seqlen_k, dtype)
+    keep = band_mask(seqlen_q, seqlen_k, causal, window_size, q.device)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
 
     hidden = torch.isneginf(scores)
+    # The sink is one more logit in every row's softmax, of a key whose value is 0.
+    logits = scores
+    if sinks is not None:
+        sink_column = sinks.to(dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        logits = torch.cat([scores, sink_column], dim=-1)
     # A row that sees no key (all -inf) would give logsumexp's backward exp(-inf - -inf) = NaN; its lse is
     # taken over zeros instead, then set to -inf, so its probabilities and gradients are exactly 0.
-    empty_row = hidden.all(dim=-1, keepdim=True)
-    lse = torch.logsumexp(scores.masked_fill(empty_row, 0.0), dim=-1, keepdim=True)
+    empty_row = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    lse = torch.logsumexp(logits.masked_fill(empty_row, 0.0), dim=-1, keepdim=True)
     # exp(-inf - lse) is 0 for any lse, NaN included: a NaN row must not reach keys it does not see.
     probs = torch.exp(scores - lse).masked_fill(hidden, 0.0)
+    if dropout_p > 0:
+        if dropout_mask is None:
+            if rng_state is None:
+                rng_state = dropout_rng_state(q.device)
+            dropout_mask = dropout_keep_mask(rng_state, dropout_p, *scores.shape).to(q.device)
+        probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
     out = torch.matmul(probs, vc).to(q.dtype)
     if return_lse:
         return out, lse.masked_fill(empty_row, float("-inf")).squeeze(-1).float()

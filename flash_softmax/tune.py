@@ -203,7 +203,8 @@ def _timed_call(kernel: str, problem: Problem, inputs, saved) -> Callable[[], ob
     out, lse = saved
     scale = 1.0 / math.sqrt(problem.head_dim)
     right = 0 if problem.causal else -1
-    return lambda: attention_backward_op(dout, q, k, v, out, lse, None, scale, -1, right, 0.0)
+    return lambda: attention_backward_op(dout, None, q, k, v, out, lse, None, None, None, None, scale, -1, right, 0.0,
+                                         0.0, False)
 
 
 def _saved_forward(problem: Problem, inputs, shared_limit: int, arch: str):
@@ -213,8 +214,8 @@ def _saved_forward(problem: Problem, inputs, shared_limit: int, arch: str):
     q, k, v, _ = inputs
     with configs.override(**_isolated("forward", candidates("forward", problem, shared_limit, arch)[0],
                                       problem, shared_limit, arch)):
-        return attention_forward_op(q, k, v, None, 1.0 / math.sqrt(problem.head_dim), -1,
-                                    0 if problem.causal else -1, 0.0)
+        return attention_forward_op(q, k, v, None, None, None, None, 1.0 / math.sqrt(problem.head_dim), -1,
+                                    0 if problem.causal else -1, 0.0, 0.0)
 
 
 def _short(error: BaseException) -> str:

@@ -164,8 +164,8 @@ def test_gradcheck_float64(options):
     bias = torch.randn(1, 2, 5, 7, generator=generator, dtype=torch.float64).to(DEVICE) if options.get("bias") else None
 
     def attention(q, k, v):
-        out, _ = attention_forward_op(q, k, v, bias, 0.6, options.get("window_left", -1),
-                                      options.get("window_right", -1), options.get("softcap", 0.0))
+        out, _ = attention_forward_op(q, k, v, bias, None, None, None, 0.6, options.get("window_left", -1),
+                                      options.get("window_right", -1), options.get("softcap", 0.0), 0.0)
         return out
 
     assert torch.autograd.gradcheck(attention, (q, k, v), fast_mode=True)

@@ -178,24 +178,38 @@ def test_compiled_model_equals_eager(monkeypatch):
             assert_close("grad", got, truth, None)
 
 
-def _op_arguments(bias):
+def _op_arguments(bias, modifiers=False):
+    """The forward op's arguments: inputs, bias, then sinks, ALiBi slopes and dropout's random state (all
+    given with ``modifiers``), then scale, window, softcap and dropout_p."""
     q, k, v = make_inputs(1, 2, 1, 9, 13, 8, torch.float32)
-    return q, k, v, bias, 0.4, 5, 2, 12.0
+    if not modifiers:
+        return q, k, v, bias, None, None, None, 0.4, 5, 2, 12.0, 0.0
+    sinks = torch.randn(2, device=DEVICE, requires_grad=True)
+    slopes = torch.rand(2, device=DEVICE)
+    rng_state = torch.tensor([123456789, 42], dtype=torch.int64, device=DEVICE)
+    return q, k, v, bias, sinks, slopes, rng_state, 0.4, 5, 2, 12.0, 0.25
 
 
 @pytest.mark.parametrize("bias_kind", [None, "bool", "float"])
-def test_opcheck_forward(bias_kind):
+@pytest.mark.parametrize("modifiers", [False, True])
+def test_opcheck_forward(bias_kind, modifiers):
     """Schema, fake implementation (shapes, dtypes, strides), autograd registration, AOT dispatch."""
     bias = None if bias_kind is None else bias_for(bias_kind, 1, 2, 9, 13)
-    torch.library.opcheck(torch.ops.flash_softmax.attention_forward.default, _op_arguments(bias))
+    if bias_kind == "float" and modifiers:
+        bias = bias.requires_grad_()
+    torch.library.opcheck(torch.ops.flash_softmax.attention_forward.default, _op_arguments(bias, modifiers))
 
 
-def test_opcheck_backward():
-    q, k, v, bias, *scalars = _op_arguments(bias_for("float", 1, 2, 9, 13))
-    out, lse = torch.ops.flash_softmax.attention_forward(q, k, v, bias, *scalars)
+@pytest.mark.parametrize("modifiers", [False, True])
+def test_opcheck_backward(modifiers):
+    q, k, v, bias, sinks, slopes, rng_state, *scalars = _op_arguments(bias_for("float", 1, 2, 9, 13), modifiers)
+    out, lse = torch.ops.flash_softmax.attention_forward(q, k, v, bias, sinks, slopes, rng_state, *scalars)
     # A (B, S, H, D) gradient seen as (B, H, S, D): the op reads it in place.
     dout = torch.randn(1, 9, 2, 8, device=DEVICE).transpose(1, 2)
-    arguments = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, bias, *scalars)
+    dlse = torch.randn_like(lse) if modifiers else None
+    sinks = None if sinks is None else sinks.detach()
+    arguments = (dout, dlse, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), bias, sinks, slopes,
+                 rng_state, *scalars, modifiers)
     torch.library.opcheck(torch.ops.flash_softmax.attention_backward.default, arguments)
 
 
@@ -206,14 +220,16 @@ def test_fake_strides_follow_the_launchers():
     q = torch.randn(1, 2, 9, 16, device=DEVICE)[..., ::2]
     k = torch.randn(1, 9, 2, 8, device=DEVICE).transpose(1, 2)  # BSHD view, last dim contiguous
     v = torch.randn(1, 2, 9, 8, device=DEVICE)
-    scalars = (0.3, -1, -1, 0.0)
+    scalars = (0.3, -1, -1, 0.0, 0.0)
     ops = torch.ops.flash_softmax
-    real_out, real_lse = ops.attention_forward(q, k, v, None, *scalars)
-    real_grads = ops.attention_backward(real_out, q, k, v, real_out, real_lse, None, *scalars)
+    real_out, real_lse = ops.attention_forward(q, k, v, None, None, None, None, *scalars)
+    real_grads = ops.attention_backward(real_out, None, q, k, v, real_out, real_lse, None, None, None,
+        None, *scalars, False)[:3]
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
-        fake_out, fake_lse = ops.attention_forward(fq, fk, fv, None, *scalars)
-        fake_grads = ops.attention_backward(fake_out, fq, fk, fv, fake_out, fake_lse, None, *scalars)
+        fake_out, fake_lse = ops.attention_forward(fq, fk, fv, None, None, None, None, *scalars)
+        fake_grads = ops.attention_backward(fake_out, None, fq, fk, fv, fake_out, fake_lse, None, None, None,
+            None, *scalars, False)[:3]
     for real, fake in zip((real_out, real_lse, *real_grads), (fake_out, fake_lse, *fake_grads)):
         assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)
     assert real_grads[1].stride() == k.stride()  # dk keeps k's BSHD layout

@@ -136,14 +136,16 @@ def test_fake_strides_equal_real_strides(name):
 
     q, k, v = _layouts()[name]
     ops = torch.ops.flash_softmax
-    scalars = (0.3, -1, -1, 0.0)
-    real_out, real_lse = ops.attention_forward(q, k, v, None, *scalars)
+    scalars = (0.3, -1, -1, 0.0, 0.0)
+    real_out, real_lse = ops.attention_forward(q, k, v, None, None, None, None, *scalars)
     dout = torch.randn_like(real_out)
-    real_grads = ops.attention_backward(dout, q, k, v, real_out, real_lse, None, *scalars)
+    real_grads = ops.attention_backward(dout, None, q, k, v, real_out, real_lse, None, None, None,
+        None, *scalars, False)[:3]
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         fq, fk, fv, fdout = (mode.from_tensor(t) for t in (q, k, v, dout))
-        fake_out, fake_lse = ops.attention_forward(fq, fk, fv, None, *scalars)
-        fake_grads = ops.attention_backward(fdout, fq, fk, fv, fake_out, fake_lse, None, *scalars)
+        fake_out, fake_lse = ops.attention_forward(fq, fk, fv, None, None, None, None, *scalars)
+        fake_grads = ops.attention_backward(fdout, None, fq, fk, fv, fake_out, fake_lse, None, None, None,
+            None, *scalars, False)[:3]
     for label, real, fake in zip(("out", "lse", "dq", "dk", "dv"), (real_out, real_lse, *real_grads),
                                  (fake_out, fake_lse, *fake_grads)):
         assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype), label

@@ -22,10 +22,14 @@ from flash_softmax._triton_helpers import dot_operand, round_to_dtype
 from flash_softmax.attention import configs
 from flash_softmax.attention.common import (
     INTERIOR,
+    LOG2E_CONSTEXPR,
     LEFT_EDGE,
     RIGHT_EDGE,
     WHOLE_BAND,
+    alibi_slope,
     block_and_head,
+    dropout_keep,
+    dropout_state,
     head_dim_offsets,
     head_start,
     key_range,
@@ -44,19 +48,29 @@ from flash_softmax.attention.options import KernelOptions
 
 @triton.jit(do_not_specialize=["seqlen_q"])
 def _attn_bwd_preprocess_kernel(
-    Out, DOut, Delta,
+    Out, DOut, DLse, LSE, Sinks, Delta, DSinksPartial,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     num_heads_q, seqlen_q,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_DLSE: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
-    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``: ``delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d]``."""
-    block_m, batch_head = block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
+    """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``: ``delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d]``.
+
+    With ``HAS_DLSE`` (a loss on the returned lse), ``delta - dlse`` instead: ``d lse_i / d s_ij = P_ij``, so
+    the lse's gradient joins ``dS = P * (dP - delta)`` as ``P * dlse``. ``DLse`` is the gradient of the
+    base-2 lse the kernels keep, hence the ``log2(e)``. With ``HAS_SINKS`` each program also writes its
+    rows' share of the sink's gradient, ``-sum_i exp(sink - lse_i) * delta_i``, to
+    ``DSinksPartial[(b * Hq + h) * cdiv(Sq, BLOCK_M) + block]``; the launcher adds the shares in a fixed order.
+    """
+    num_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    block_m, batch_head = block_and_head(num_blocks)
     batch = batch_head // num_heads_q
     head = batch_head % num_heads_q
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < seqlen_q
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    mask = row_mask[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     o_ptrs = tile_pointers(head_start(Out, batch, head, stride_ob, stride_oh), offs_m[:, None], offs_dv[None, :],
                            stride_om)
     do_ptrs = tile_pointers(head_start(DOut, batch, head, stride_dob, stride_doh), offs_m[:, None],
@@ -64,7 +78,16 @@ def _attn_bwd_preprocess_kernel(
     o = tl.load(o_ptrs, mask=mask, other=0.0)
     do = tl.load(do_ptrs, mask=mask, other=0.0)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
-    tl.store(tile_pointers(Delta, batch_head, offs_m, seqlen_q), delta, mask=offs_m < seqlen_q)
+    row_stats = tile_pointers(DLse, batch_head, offs_m, seqlen_q)  # DLse, LSE and Delta share one layout
+    if HAS_DLSE:
+        delta = delta - tl.load(row_stats, mask=row_mask, other=0.0).to(ACC_DTYPE) * LOG2E_CONSTEXPR
+    tl.store(tile_pointers(Delta, batch_head, offs_m, seqlen_q), delta, mask=row_mask)
+    if HAS_SINKS:
+        lse = tl.load(tile_pointers(LSE, batch_head, offs_m, seqlen_q), mask=row_mask, other=float("-inf"))
+        sink = tl.load(Sinks + head).to(ACC_DTYPE) * LOG2E_CONSTEXPR
+        # The sink's probability; 0 for rows past the end and for a row whose lse is -inf (no key, no sink).
+        p_sink = tl.where(lse == float("-inf"), 0.0, tl.math.exp2(sink - lse))
+        tl.store(DSinksPartial + batch_head.to(tl.int64) * num_blocks + block_m, -tl.sum(p_sink * delta, axis=0))
 
 
 @triton.jit
@@ -92,9 +115,10 @@ def _attn_bwd_dkdv_inner(
     q_head, do_head, q_desc, do_desc, LSE, Delta, bias_ptr, stride_qm, stride_dom, stride_bm, stride_bn,
     offs_m, offs_n, offs_d, offs_dv, mask_d, mask_dv,
     start_m, end_m, seqlen_q, seqlen_k, window_left, window_right,
-    qk_scale, softcap_scale, softcap_log2,
+    qk_scale, softcap_scale, softcap_log2, slope, seed, offset, batch_head, dropout_threshold, dropout_scale,
     BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     INTERPRETED_BFLOAT16: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr,
 ):
@@ -106,7 +130,8 @@ def _attn_bwd_dkdv_inner(
     which of the two accumulate (a split launch computes one per pass). Q and dO come from tensor
     descriptors with ``USE_TMA``; otherwise Q is loaded already transposed, and tile addresses are
     recomputed each step from the head's base pointer rather than carried across iterations, which keeps
-    them out of the registers the accumulators need.
+    them out of the registers the accumulators need. With ``HAS_DROPOUT``, ``dV`` takes the kept
+    probabilities (rescaled after the loop) and ``dP`` is that of the kept ones, times ``1 / (1 - p)``.
     """
     for block_start in tl.range(start_m, end_m, BLOCK_M, warp_specialize=PARTITION_WARPS):
         rows = block_start + offs_m
@@ -125,15 +150,23 @@ def _attn_bwd_dkdv_inner(
 
         scores_t, capped_t, keep = score_tile(
             k, q_t, rows[None, :], offs_n[:, None], bias_ptr, stride_bm, stride_bn, seqlen_q, seqlen_k,
-            window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            dk.dtype, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND)
+            window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope,
+            dk.dtype, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
         # exp2(-inf - lse) is NaN for a NaN row: P is zeroed outside the band explicitly.
         p_t = tl.where(keep, tl.math.exp2(scores_t - lse2[None, :]), 0.0)
+        kept = True
+        if HAS_DROPOUT:
+            kept = dropout_keep(seed, offset, batch_head, rows[None, :], offs_n[:, None], dropout_threshold)
         if COMPUTE_DV:
-            dv = tl.dot(dot_operand(p_t, DOT_DTYPE, INTERPRETED_BFLOAT16), do, dv, input_precision="ieee",
+            p_kept = p_t
+            if HAS_DROPOUT:
+                p_kept = tl.where(kept, p_t, 0.0)
+            dv = tl.dot(dot_operand(p_kept, DOT_DTYPE, INTERPRETED_BFLOAT16), do, dv, input_precision="ieee",
                         out_dtype=dv.dtype)
         if COMPUTE_DK:
             dp_t = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=dk.dtype)
+            if HAS_DROPOUT:
+                dp_t = tl.where(kept, dp_t * dropout_scale, 0.0)
             # Masked here too, not only through P: 0 * NaN would carry a NaN row's delta, or a NaN/inf score
             # outside the band, into keys that row never sees.
             ds_t = tl.where(keep, _score_gradient(p_t, dp_t, delta[None, :], capped_t, HAS_SOFTCAP), 0.0)
@@ -154,19 +187,21 @@ def _store_gradient(ptrs, x, mask, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
 
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
+    Q, K, V, Bias, Sinks, Alibi, Rng, DOut, LSE, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_ab, stride_ah,
     stride_dob, stride_doh, stride_dom,
     stride_dks, stride_dkb, stride_dkh, stride_dkn,
     stride_dvs, stride_dvb, stride_dvh, stride_dvn,
     num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
-    softmax_scale, qk_scale, softcap_scale, softcap_log2,
+    softmax_scale, qk_scale, softcap_scale, softcap_log2, dropout_threshold, dropout_scale,
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs, head_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, SPLIT_GROUPS: tl.constexpr,
@@ -184,6 +219,7 @@ def _attn_bwd_dkdv_kernel(
     num_blocks = tl.cdiv(seqlen_k, BLOCK_N)
     first, stop, step = program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT)
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
+    seed, offset = dropout_state(Rng, HAS_DROPOUT)
     for tile in range(first, stop, step):
         block_n, unit = tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT, False)
         start_n = block_n * BLOCK_N
@@ -242,13 +278,17 @@ def _attn_bwd_dkdv_kernel(
                 q_desc = Q
                 do_desc = DOut
             bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
-            row_stats = (batch * num_heads_q + head).to(tl.int64) * seqlen_q
+            slope = alibi_slope(Alibi, batch, head, stride_ab, stride_ah, HAS_ALIBI)
+            batch_head = batch * num_heads_q + head
+            row_stats = batch_head.to(tl.int64) * seqlen_q
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_head, do_head, q_desc, do_desc, LSE + row_stats, Delta + row_stats, bias_ptr,
                 stride_qm, stride_dom, stride_bm, stride_bn, offs_m, offs_n, offs_d, offs_dv, mask_d, mask_dv,
                 begin, end, seqlen_q, seqlen_k, window_left, window_right,
-                qk_scale, softcap_scale, softcap_log2,
-                BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, DOT_DTYPE, INTERPRETED_BFLOAT16,
+                qk_scale, softcap_scale, softcap_log2, slope, seed, offset, batch_head, dropout_threshold,
+                dropout_scale,
+                BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT, DOT_DTYPE,
+                INTERPRETED_BFLOAT16,
                 COMPUTE_DK, COMPUTE_DV, USE_TMA, PARTITION_WARPS)
 
         if COMPUTE_DK:
@@ -258,6 +298,8 @@ def _attn_bwd_dkdv_kernel(
             _store_gradient(dk_ptrs, dk, key_mask & mask_d[None, :], DK.dtype.element_ty, DOT_DTYPE,
                             INTERPRETED_BFLOAT16)
         if COMPUTE_DV:
+            if HAS_DROPOUT:
+                dv = dv * dropout_scale
             dv_ptrs = tile_pointers(head_start(dv_out, batch, head_kv, stride_dvb, stride_dvh), key_rows, offs_dv[None, :],
                                     stride_dvn)
             _store_gradient(dv_ptrs, dv, key_mask & mask_dv[None, :], DV.dtype.element_ty, DOT_DTYPE,
@@ -270,13 +312,14 @@ def _attn_bwd_dq_inner(
     k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
     offs_m, offs_n, mask_d, mask_dv,
     start_n, end_n, seqlen_q, seqlen_k, window_left, window_right,
-    qk_scale, softcap_scale, softcap_log2,
+    qk_scale, softcap_scale, softcap_log2, slope, seed, offset, batch_head, dropout_threshold, dropout_scale,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr,
     USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr,
 ):
-    """Accumulate ``dQ += dS K`` over keys ``[start_n, end_n)`` (scale applied after the loop)."""
+    """Accumulate ``dQ += dS K`` over keys ``[start_n, end_n)`` (scale applied after the loop); with
+    ``HAS_DROPOUT``, ``dP`` is that of the kept probabilities, times ``1 / (1 - p)``."""
     k_ptrs += start_n.to(tl.int64) * stride_kn
     v_ptrs += start_n.to(tl.int64) * stride_vn
     for block_start in tl.range(start_n, end_n, BLOCK_N, warp_specialize=PARTITION_WARPS):
@@ -294,10 +337,13 @@ def _attn_bwd_dq_inner(
         v = dot_operand(v, DOT_DTYPE, INTERPRETED_BFLOAT16)
         scores, capped, keep = score_tile(
             q, tl.trans(k), offs_m[:, None], cols[None, :], bias_ptr, stride_bm, stride_bn, seqlen_q, seqlen_k,
-            window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            dq.dtype, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND)
+            window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope,
+            dq.dtype, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
         p = tl.math.exp2(scores - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=dq.dtype)
+        if HAS_DROPOUT:
+            kept = dropout_keep(seed, offset, batch_head, offs_m[:, None], cols[None, :], dropout_threshold)
+            dp = tl.where(kept, dp * dropout_scale, 0.0)
         ds = _score_gradient(p, dp, delta[:, None], capped, HAS_SOFTCAP)
         if MASKED:
             ds = tl.where(keep, ds, 0.0)
@@ -310,18 +356,20 @@ def _attn_bwd_dq_inner(
 
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dq_kernel(
-    Q, K, V, Bias, DOut, LSE, Delta, DQ,
+    Q, K, V, Bias, Sinks, Alibi, Rng, DOut, LSE, Delta, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_ab, stride_ah,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
-    softmax_scale, qk_scale, softcap_scale, softcap_log2,
+    softmax_scale, qk_scale, softcap_scale, softcap_log2, dropout_threshold, dropout_scale,
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -330,6 +378,7 @@ def _attn_bwd_dq_kernel(
     Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, or with ``PERSISTENT`` ``(num_programs,)`` walking the tiles
     heaviest first (``batch_heads = B * Hq``)."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
+    seed, offset = dropout_state(Rng, HAS_DROPOUT)
     first, stop, step = program_tiles(tl.cdiv(seqlen_q, BLOCK_M), batch_heads, num_programs, PERSISTENT)
     for tile in range(first, stop, step):
         batch_head, batch, head, head_kv, start_m, offs_m = query_block(
@@ -365,6 +414,7 @@ def _attn_bwd_dq_kernel(
         k_ptrs = tile_pointers(k_head, offs_n[:, None], offs_d[None, :], stride_kn)
         v_ptrs = tile_pointers(v_head, offs_n[:, None], offs_dv[None, :], stride_vn)
         bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
+        slope = alibi_slope(Alibi, batch, head, stride_ab, stride_ah, HAS_ALIBI)
         keys = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         for stage in tl.static_range(LEFT_EDGE, RIGHT_EDGE + 1):
             stage_begin, stage_end = stage_bounds(keys, stage)
@@ -372,7 +422,8 @@ def _attn_bwd_dq_kernel(
                 dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn,
                 stride_bm, stride_bn, offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
                 window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-                BLOCK_N, stage != INTERIOR, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+                slope, seed, offset, batch_head, dropout_threshold, dropout_scale,
+                BLOCK_N, stage != INTERIOR, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT,
                 BLOCK_D != HEAD_DIM, BLOCK_DV != HEAD_DIM_V, DOT_DTYPE, INTERPRETED_BFLOAT16, USE_TMA,
                 PARTITION_WARPS)
 
@@ -382,6 +433,131 @@ def _attn_bwd_dq_kernel(
         else:
             tl.store(tile_pointers(dq_head, rows, offs_d[None, :], stride_dqm), dq,
                      mask=row_mask[:, None] & mask_d[None, :])
+
+
+@triton.jit(do_not_specialize=configs.RUNTIME_SIZES + ["batch", "bias_batch", "bias_heads"])
+def _attn_bwd_dbias_kernel(
+    Q, K, V, Bias, Sinks, Alibi, Rng, DOut, LSE, Delta, DBias,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_ab, stride_ah,
+    stride_dob, stride_doh, stride_dom,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+    softmax_scale, qk_scale, softcap_scale, softcap_log2, dropout_threshold, dropout_scale,
+    batch, bias_batch, bias_heads,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS_BROADCAST: tl.constexpr, COLS_BROADCAST: tl.constexpr,
+):
+    """The gradient of a float bias: ``dBias = dS`` (``P * (dP - delta)``, with respect to the final scores)
+    summed over the dims the bias is broadcast along.
+
+    ``DBias`` is float32 with the bias's own sizes, ``(bias_batch, bias_heads, 1 or Sq, 1 or Sk)``, where
+    ``bias_batch`` is 1 or B and ``bias_heads`` 1 or Hq (``ROWS_BROADCAST`` / ``COLS_BROADCAST`` for the last
+    two). One program per ``BLOCK_M x BLOCK_N`` tile of it (``1 x BLOCK_N``, ``BLOCK_M x 1`` or ``1 x 1`` along
+    broadcast rows / columns): it walks, in a fixed order, every (batch, head, query block, key block) that
+    reads its entries, recomputing P and dP there, and sums their dS in registers before one store. Nothing
+    is added atomically and nothing of size Sq x Sk is written beyond the bias's own size, so the gradient is
+    deterministic. Key blocks outside the causal / sliding-window band are skipped (their dS is 0).
+    """
+    DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
+    seed, offset = dropout_state(Rng, HAS_DROPOUT)
+    num_m = 1 if ROWS_BROADCAST else tl.cdiv(seqlen_q, BLOCK_M)
+    num_n = 1 if COLS_BROADCAST else tl.cdiv(seqlen_k, BLOCK_N)
+    pid = tl.program_id(0)
+    block_n = pid % num_n
+    block_m = (pid // num_n) % num_m
+    bias_unit = pid // (num_n * num_m)
+    bias_head = bias_unit % bias_heads
+    bias_b = bias_unit // bias_heads
+    # The (batch, head) pairs that read this tile of the bias, and its query and key spans.
+    batch_begin = tl.where(bias_batch == 1, 0, bias_b)
+    batch_end = tl.where(bias_batch == 1, batch, bias_b + 1)
+    head_begin = tl.where(bias_heads == 1, 0, bias_head)
+    head_end = tl.where(bias_heads == 1, num_heads_q, bias_head + 1)
+    if ROWS_BROADCAST:
+        rows_begin = 0
+        rows_end = seqlen_q
+    else:
+        rows_begin = block_m * BLOCK_M
+        rows_end = tl.minimum(rows_begin + BLOCK_M, seqlen_q)
+    if COLS_BROADCAST:
+        cols_begin = 0
+        cols_end = seqlen_k
+    else:
+        cols_begin = block_n * BLOCK_N
+        cols_end = tl.minimum(cols_begin + BLOCK_N, seqlen_k)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    zero = pid * 0  # loop indices as tensors (the interpreter's range yields Python ints)
+    for b in range(batch_begin, batch_end):
+        b = zero + b
+        for head in range(head_begin, head_end):
+            head = zero + head
+            head_kv = head // group_size
+            batch_head = b * num_heads_q + head
+            q_head = head_start(Q, b, head, stride_qb, stride_qh)
+            do_head = head_start(DOut, b, head, stride_dob, stride_doh)
+            k_head = head_start(K, b, head_kv, stride_kb, stride_kh)
+            v_head = head_start(V, b, head_kv, stride_vb, stride_vh)
+            bias_ptr = head_start(Bias, b, head, stride_bb, stride_bh)
+            slope = alibi_slope(Alibi, b, head, stride_ab, stride_ah, HAS_ALIBI)
+            row_stats = batch_head.to(tl.int64) * seqlen_q
+            for start_m in range(rows_begin, rows_end, BLOCK_M):
+                start_m = zero + start_m
+                rows = start_m + offs_m
+                row_mask = rows < seqlen_q
+                q = tl.load(tile_pointers(q_head, rows[:, None], offs_d[None, :], stride_qm),
+                            mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+                do = tl.load(tile_pointers(do_head, rows[:, None], offs_dv[None, :], stride_dom),
+                             mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
+                q = dot_operand(q, DOT_DTYPE, INTERPRETED_BFLOAT16)
+                do = dot_operand(do, DOT_DTYPE, INTERPRETED_BFLOAT16)
+                lse2, delta = _load_row_stats(LSE + row_stats, Delta + row_stats, rows, row_mask, True)
+                band_begin, _, _, band_end = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                                       BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+                # Both starts are multiples of BLOCK_N, so the walk stays on this tile's key blocks.
+                for start_n in range(tl.maximum(cols_begin, band_begin), tl.minimum(cols_end, band_end), BLOCK_N):
+                    cols = start_n + offs_n
+                    col_mask = cols < seqlen_k
+                    k = tl.load(tile_pointers(k_head, cols[:, None], offs_d[None, :], stride_kn),
+                                mask=col_mask[:, None] & mask_d[None, :], other=0.0)
+                    v = tl.load(tile_pointers(v_head, cols[:, None], offs_dv[None, :], stride_vn),
+                                mask=col_mask[:, None] & mask_dv[None, :], other=0.0)
+                    k = dot_operand(k, DOT_DTYPE, INTERPRETED_BFLOAT16)
+                    v = dot_operand(v, DOT_DTYPE, INTERPRETED_BFLOAT16)
+                    scores, _, keep = score_tile(
+                        q, tl.trans(k), rows[:, None], cols[None, :], bias_ptr, stride_bm, stride_bn, seqlen_q,
+                        seqlen_k, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope,
+                        ACC_DTYPE, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
+                    p = tl.math.exp2(scores - lse2[:, None])
+                    dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC_DTYPE)
+                    if HAS_DROPOUT:
+                        kept = dropout_keep(seed, offset, batch_head, rows[:, None], cols[None, :], dropout_threshold)
+                        dp = tl.where(kept, dp * dropout_scale, 0.0)
+                    # The bias is added after the softcap: its gradient is dS before the softcap's factor.
+                    acc += tl.where(keep, p * (dp - delta[:, None]), 0.0)
+
+    dbias = DBias + bias_b.to(tl.int64) * stride_dbb + bias_head.to(tl.int64) * stride_dbh
+    out_rows = rows_begin + offs_m
+    out_cols = cols_begin + offs_n
+    if ROWS_BROADCAST and COLS_BROADCAST:
+        tl.store(dbias, tl.sum(tl.sum(acc, axis=1), axis=0))
+    elif ROWS_BROADCAST:
+        tl.store(dbias + out_cols * stride_dbn, tl.sum(acc, axis=0), mask=out_cols < seqlen_k)
+    elif COLS_BROADCAST:
+        tl.store(dbias + out_rows * stride_dbm, tl.sum(acc, axis=1), mask=out_rows < seqlen_q)
+    else:
+        tl.store(dbias + out_rows[:, None] * stride_dbm + out_cols[None, :] * stride_dbn, acc,
+                 mask=(out_rows[:, None] < seqlen_q) & (out_cols[None, :] < seqlen_k))
 
 
 def dkdv_parts(config: configs.KernelConfig | None) -> list[dict]:
@@ -401,41 +577,60 @@ def attention_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor,
     options: KernelOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the three backward kernels.
+    dlse: torch.Tensor | None = None,
+    bias_grad_shape: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the backward kernels.
 
     Args:
         dout: ``(B, Hq, Sq, Dv)`` gradient of the output, contiguous last dim, any other strides.
         q, k, v, out, lse: as saved by ``attention_forward``.
         options: the forward's options.
+        dlse: ``(B, Hq, Sq)`` gradient of the (base-2) lse when a loss used it, else None.
+        bias_grad_shape: for the gradient of a float bias, its sizes as 4 dims, each 1 (broadcast) or the
+            full ``(B, Hq, Sq, Sk)`` size; None when the bias needs no gradient.
 
     Returns:
-        ``dq, dk, dv`` with the shapes, dtypes and memory layouts of ``q, k, v``.
+        ``dq, dk, dv`` with the shapes, dtypes and memory layouts of ``q, k, v``; ``dsinks`` float32 ``(Hq,)``
+        (None without sinks); ``dbias`` float32 of ``bias_grad_shape`` (None without it).
     """
     batch, heads_q, seqlen_q, _ = q.shape
     heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    has_sinks = options.sinks is not None
+    dsinks = torch.zeros(heads_q, dtype=torch.float32, device=q.device) if has_sinks else None
+    dbias = None
+    if bias_grad_shape is not None:
+        dbias = torch.zeros(bias_grad_shape, dtype=torch.float32, device=q.device)
     if batch * heads_q == 0:
-        return dq, dk, dv
+        return dq, dk, dv, dsinks, dbias
     delta = torch.empty((batch, heads_q, seqlen_q), dtype=options.statistics_dtype(q), device=q.device)
     constexprs = options.constexprs(q, v)
+    sinks, alibi, rng, *alibi_strides = options.modifier_operands(q)
     if seqlen_q > 0:
         block_m = configs.PREPROCESS_BLOCK_M
-        _attn_bwd_preprocess_kernel[(configs.cdiv(seqlen_q, block_m) * batch * heads_q,)](
-            out, dout, delta,
+        blocks = configs.cdiv(seqlen_q, block_m)
+        # Each program's share of the sinks' gradient, added below in a fixed order (deterministic).
+        dsinks_partial = torch.empty((batch, heads_q, blocks), dtype=torch.float32, device=q.device) if has_sinks \
+            else delta
+        _attn_bwd_preprocess_kernel[(blocks * batch * heads_q,)](
+            out, dout, delta if dlse is None else dlse.contiguous(), lse, sinks, delta, dsinks_partial,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             heads_q, seqlen_q,
             HEAD_DIM_V=head_dim_v, BLOCK_DV=constexprs["BLOCK_DV"], BLOCK_M=block_m,
-            ACC_DTYPE=constexprs["ACC_DTYPE"],
+            ACC_DTYPE=constexprs["ACC_DTYPE"], HAS_DLSE=dlse is not None, HAS_SINKS=has_sinks,
         )
+        if has_sinks:
+            dsinks = dsinks_partial.sum(dim=(0, 2))
 
     bias, bias_strides = options.bias_operand(q)
+    operands = (q, k, v, bias, sinks, alibi, rng, dout, lse, delta)
     input_strides = (
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        *bias_strides,
+        *bias_strides, *alibi_strides,
         dout.stride(0), dout.stride(1), dout.stride(2),
     )
     runtime = options.runtime_arguments(q, k)
@@ -460,7 +655,7 @@ def attention_backward(
             config, launch, seqlen_k, batch * heads_kv * splits, "BLOCK_N", (q, k, v, dout), device_index)
         for part in dkdv_parts(config):
             kernel[grid](
-                q, k, v, bias, dout, lse, delta, dk_out, dv_out, *input_strides, *split_strides,
+                *operands, dk_out, dv_out, *input_strides, *split_strides,
                 *runtime, *programs, splits, **constexprs, **launch, **part, SPLIT_GROUPS=splits > 1,
             )
         if splits > 1:
@@ -472,8 +667,27 @@ def attention_backward(
         grid, programs, launch = configs.grid_and_arguments(
             config, launch, seqlen_q, batch * heads_q, "BLOCK_M", (q, k, v, dout, dq), device_index)
         kernel[grid](
-            q, k, v, bias, dout, lse, delta, dq, *input_strides,
+            *operands, dq, *input_strides,
             dq.stride(0), dq.stride(1), dq.stride(2),
             *runtime, *programs, **constexprs, **launch,
         )
-    return dq, dk, dv
+    if dbias is not None and seqlen_q > 0 and seqlen_k > 0:
+        _launch_dbias(dbias, operands, input_strides, runtime, constexprs, batch, heads_q, seqlen_q, seqlen_k)
+    return dq, dk, dv, dsinks, dbias
+
+
+def _launch_dbias(dbias, operands, input_strides, runtime, constexprs, batch, heads_q, seqlen_q, seqlen_k):
+    """``_attn_bwd_dbias_kernel`` into ``dbias`` (float32, the bias's 4-dim sizes, 1 along broadcast dims)."""
+    bias_batch, bias_heads, bias_rows, bias_cols = dbias.shape
+    rows_broadcast, cols_broadcast = bias_rows == 1 and seqlen_q > 1, bias_cols == 1 and seqlen_k > 1
+    config = configs.dbias_config(constexprs["HEAD_DIM"], constexprs["HEAD_DIM_V"])
+    blocks_m = 1 if rows_broadcast else configs.cdiv(seqlen_q, config.block_m)
+    blocks_n = 1 if cols_broadcast else configs.cdiv(seqlen_k, config.block_n)
+    # The bias's own stride along a broadcast dim of size 1 is irrelevant: its program writes index 0 there.
+    _attn_bwd_dbias_kernel[(blocks_m * blocks_n * bias_batch * bias_heads,)](
+        *operands, dbias, *input_strides, *dbias.stride(),
+        *runtime[:-2], batch, bias_batch, bias_heads,  # without the length buckets, which only key tuning
+        **constexprs, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        ROWS_BROADCAST=rows_broadcast, COLS_BROADCAST=cols_broadcast,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )

@@ -163,3 +163,57 @@ def expand_attn_bias(attn_bias, q: torch.Tensor, k: torch.Tensor) -> torch.Tenso
     """``check_attn_bias`` then ``broadcast_attn_bias``: the bias as a ``(B, Hq, Sq, Sk)`` view."""
     check_attn_bias(attn_bias, q, k)
     return broadcast_attn_bias(attn_bias, q, k)
+
+
+def check_sinks(sinks, q: torch.Tensor) -> None:
+    """Raise unless ``sinks`` is None or a floating ``(Hq,)`` tensor on q's device (any float dtype)."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
+    if not sinks.dtype.is_floating_point:
+        raise TypeError(f"sinks must be a floating tensor, got {sinks.dtype}")
+    heads_q = q.shape[1]
+    if tuple(sinks.shape) != (heads_q,):
+        raise ValueError(f"sinks must have shape (Hq,) = ({heads_q},), got {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+
+
+def check_alibi_slopes(alibi_slopes, q: torch.Tensor) -> None:
+    """Raise unless ``alibi_slopes`` is None or a floating ``(Hq,)`` or ``(B, Hq)`` tensor on q's device that
+    does not require grad (the slopes are constants of the model, not parameters)."""
+    if alibi_slopes is None:
+        return
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    if not alibi_slopes.dtype.is_floating_point:
+        raise TypeError(f"alibi_slopes must be a floating tensor (float32), got {alibi_slopes.dtype}")
+    batch, heads_q = q.shape[0], q.shape[1]
+    if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
+        raise ValueError(
+            f"alibi_slopes must have shape (Hq,) = ({heads_q},) or (B, Hq) = ({batch}, {heads_q}), "
+            f"got {tuple(alibi_slopes.shape)}"
+        )
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    if alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "alibi_slopes must not require grad: ALiBi slopes receive no gradient (pass alibi_slopes.detach())"
+        )
+
+
+def resolve_dropout_p(dropout_p) -> float:
+    """A probability in [0, 1)."""
+    if type(dropout_p) is float and 0.0 <= dropout_p < 1.0:  # the usual call, without numbers.Real
+        return dropout_p
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def pad_to_four_dims(shape) -> tuple[int, ...]:
+    """A broadcastable shape of at most four dims with leading 1s added to make four."""
+    return (1,) * (4 - len(shape)) + tuple(shape)

@@ -269,13 +269,55 @@ def load_bias(bias_ptr, rows, cols, stride_bm, stride_bn, seqlen_q, seqlen_k):
 
 
 @triton.jit
+def alibi_slope(Alibi, batch, head, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
+    """ALiBi's slope of (``batch``, ``head``) as the base-2 factor of the distance, ``-slope * log2(e)``
+    (0.0 without ALiBi). ``stride_ab`` is 0 for slopes shared by the batch (``(Hq,)``)."""
+    slope = 0.0
+    if HAS_ALIBI:
+        offset = batch.to(tl.int64) * stride_ab + head.to(tl.int64) * stride_ah
+        slope = -tl.load(Alibi + offset).to(tl.float32) * LOG2E_CONSTEXPR
+    return slope
+
+
+@triton.jit
+def dropout_keep(seed, offset, batch_head, row_index, col_index, threshold):
+    """Bool tile: which pairs of query ``row_index`` and key ``col_index`` (broadcastable index tiles, in either
+    orientation) of head ``batch_head`` (``batch * Hq + head``) dropout keeps.
+
+    One Philox-4x32-10 draw per pair, its counter the pair's coordinates ``(key, query, batch * Hq + head,
+    offset)`` and its key the 64-bit ``seed``, so the decision depends on nothing but them (not on tiles, head
+    dims or programs); the pair is kept when the top 31 bits of the first output word reach ``threshold``
+    (see ``flash_softmax._random``).
+    """
+    zero = (row_index + col_index) * 0
+    counter_key = (col_index + zero).to(tl.uint32)
+    counter_query = (row_index + zero).to(tl.uint32)
+    counter_head = (zero + batch_head).to(tl.uint32)
+    counter_offset = (zero.to(tl.int64) + (offset & 0xFFFFFFFF)).to(tl.uint32)
+    word, _, _, _ = tl.philox(seed, counter_key, counter_query, counter_head, counter_offset)
+    return (word >> 1).to(tl.int32, bitcast=True) >= threshold
+
+
+@triton.jit
+def dropout_state(Rng, HAS_DROPOUT: tl.constexpr):
+    """Dropout's ``(seed, offset)``, loaded from the int64 pair ``Rng`` (zeros without dropout)."""
+    seed = 0
+    offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Rng)
+        offset = tl.load(Rng + 1)
+    return seed, offset
+
+
+@triton.jit
 def score_tile(a, b, row_index, col_index, bias_ptr, stride_bm, stride_bn, seqlen_q, seqlen_k,
-               window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+               window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope,
                ACC_DTYPE: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr):
+               HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Base-2 logits of the tile ``a @ b``, whose entries pair query ``row_index`` with key ``col_index``
-    (broadcastable index tiles, in either orientation): the bias added, the softcap applied, and -inf
-    outside the band and the sequences when ``MASKED``.
+    (broadcastable index tiles, in either orientation): the softcap applied, then the bias and ALiBi's
+    ``slope * |i + Sk - Sq - j|`` (``slope`` from ``alibi_slope``) added, and -inf outside the band and the
+    sequences when ``MASKED``.
 
     Returns ``(logits, capped, keep)``: ``capped`` is the softcap's tanh (for its derivative) and ``keep``
     the band's bool tile (meaningful only when ``MASKED``).
@@ -285,6 +327,9 @@ def score_tile(a, b, row_index, col_index, bias_ptr, stride_bm, stride_bn, seqle
     if BIAS_KIND != 0:
         bias = load_bias(bias_ptr, row_index, col_index, stride_bm, stride_bn, seqlen_q, seqlen_k)
     scores, capped = logits(qk, bias, qk_scale, softcap_scale, softcap_log2, HAS_SOFTCAP, BIAS_KIND)
+    if HAS_ALIBI:
+        distance = tl.abs(row_index + (seqlen_k - seqlen_q) - col_index).to(ACC_DTYPE)
+        scores = scores + slope * distance
     keep = True
     if MASKED:
         keep = visible(row_index, col_index, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)

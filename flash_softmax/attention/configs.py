@@ -543,6 +543,16 @@ def grid_and_arguments(config: KernelConfig | None, launch_options: dict, rows: 
 
 PREPROCESS_BLOCK_M = _INTERPRETER_BLOCK if INTERPRETED else 64
 
+
+def dbias_config(head_dim: int, head_dim_v: int) -> KernelConfig:
+    """The tile of the bias-gradient kernel (``_attn_bwd_dbias_kernel``), which runs only for a float bias
+    that requires grad. Not tuned: square 64-wide tiles (32 keys beside a 256-wide head, to keep Q, dO, K
+    and V tiles in shared memory), the interpreter's small tile on the CPU."""
+    if INTERPRETED:
+        return interpreter_config("backward_dq")
+    wide = max(head_dim, head_dim_v) > 128
+    return KernelConfig(64, 32 if wide else 64, 4, 2)
+
 #: Keys the autotuner separates results by (the seqlen ones are bucketed by the launchers).
 AUTOTUNE_KEY = [
     "SEQLEN_Q_BUCKET", "SEQLEN_K_BUCKET", "HEAD_DIM", "HEAD_DIM_V",

@@ -21,8 +21,12 @@ from flash_softmax._triton_helpers import dot_operand, round_to_dtype
 from flash_softmax.attention import configs
 from flash_softmax.attention.common import (
     INTERIOR,
+    LOG2E_CONSTEXPR,
     LEFT_EDGE,
     RIGHT_EDGE,
+    alibi_slope,
+    dropout_keep,
+    dropout_state,
     head_dim_offsets,
     head_start,
     key_range,
@@ -44,13 +48,15 @@ def _attn_fwd_inner(
     k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
     offs_m, offs_n, mask_d, mask_dv,
     start_n, end_n, seqlen_q, seqlen_k, window_left, window_right,
-    qk_scale, softcap_scale, softcap_log2,
+    qk_scale, softcap_scale, softcap_log2, slope, seed, offset, batch_head, dropout_threshold,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr,
     USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr,
 ):
     """Fold keys ``[start_n, end_n)`` into ``(acc, m_i, l_i)``; ``MASKED`` blocks apply bounds and the band.
+    With ``HAS_DROPOUT`` the dropped probabilities leave ``acc`` but not ``l_i``: the normaliser (and lse)
+    is that of the undropped softmax, and the ``1 / (1 - p)`` rescale is applied once, at the end.
 
     K/V tiles come from pointer tiles (``k_ptrs``: ``BLOCK_D x BLOCK_N``, ``v_ptrs``: ``BLOCK_N x BLOCK_DV``,
     at key 0) or, with ``USE_TMA``, from tensor descriptors, which fill rows past the end with zeros.
@@ -71,8 +77,8 @@ def _attn_fwd_inner(
         k = dot_operand(k, DOT_DTYPE, INTERPRETED_BFLOAT16)
         scores, _, _ = score_tile(
             q, k, offs_m[:, None], cols[None, :], bias_ptr, stride_bm, stride_bn,
-            seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            acc.dtype, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND)
+            seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope,
+            acc.dtype, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         # A row that has seen no key yet keeps m = -inf; subtracting 0 there avoids (-inf) - (-inf) = NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -80,6 +86,9 @@ def _attn_fwd_inner(
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            p = tl.where(dropout_keep(seed, offset, batch_head, offs_m[:, None], cols[None, :], dropout_threshold),
+                         p, 0.0)
         acc = tl.dot(dot_operand(p, DOT_DTYPE, INTERPRETED_BFLOAT16), dot_operand(v, DOT_DTYPE, INTERPRETED_BFLOAT16),
                      acc, input_precision="ieee", out_dtype=acc.dtype)
         m_i = m_new
@@ -90,17 +99,19 @@ def _attn_fwd_inner(
 
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_fwd_kernel(
-    Q, K, V, Bias, Out, LSE,
+    Q, K, V, Bias, Sinks, Alibi, Rng, Out, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_ab, stride_ah,
     stride_ob, stride_oh, stride_om,
     num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
-    softmax_scale, qk_scale, softcap_scale, softcap_log2,
+    softmax_scale, qk_scale, softcap_scale, softcap_log2, dropout_threshold, dropout_scale,
     SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -109,8 +120,10 @@ def _attn_fwd_kernel(
     Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, one tile per program, or with ``PERSISTENT`` ``(num_programs,)``,
     each program then walking tiles ``pid, pid + num_programs, ...`` heaviest first (``batch_heads = B * Hq``).
     Last dims of Q/K/V/Out are contiguous; every other stride is passed, and the bias's broadcast dims have
-    stride 0."""
+    stride 0. ``Sinks (Hq,)``, ``Alibi`` (slopes, batch stride ``stride_ab``, 0 when shared) and ``Rng`` (dropout's
+    int64 ``(seed, offset)``) are read only under their switches."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
+    seed, offset = dropout_state(Rng, HAS_DROPOUT)
     first, stop, step = program_tiles(tl.cdiv(seqlen_q, BLOCK_M), batch_heads, num_programs, PERSISTENT)
     for tile in range(first, stop, step):
         batch_head, batch, head, head_kv, start_m, offs_m = query_block(
@@ -125,6 +138,7 @@ def _attn_fwd_kernel(
         k_ptrs = tile_pointers(k_head, offs_n[None, :], offs_d[:, None], stride_kn)
         v_ptrs = tile_pointers(v_head, offs_n[:, None], offs_dv[None, :], stride_vn)
         bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
+        slope = alibi_slope(Alibi, batch, head, stride_ab, stride_ah, HAS_ALIBI)
         if USE_TMA:
             q_desc = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
             k_desc = matrix_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
@@ -148,14 +162,28 @@ def _attn_fwd_kernel(
                 acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, bias_ptr, stride_kn, stride_vn, stride_bm, stride_bn,
                 offs_m, offs_n, mask_d, mask_dv, stage_begin, stage_end, seqlen_q, seqlen_k,
                 window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-                BLOCK_N, stage != INTERIOR, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+                slope, seed, offset, batch_head, dropout_threshold,
+                BLOCK_N, stage != INTERIOR, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, HAS_DROPOUT,
                 BLOCK_D != HEAD_DIM, BLOCK_DV != HEAD_DIM_V, DOT_DTYPE, INTERPRETED_BFLOAT16, USE_TMA,
                 PARTITION_WARPS)
 
+        if HAS_SINKS:
+            # The sink is one more logit (base 2) in the row's softmax, of a key whose value is 0: it joins
+            # the max and the sum, not the accumulator. A row that saw no key ends with lse = sink.
+            sink = tl.load(Sinks + head).to(ACC_DTYPE) * LOG2E_CONSTEXPR
+            m_new = tl.maximum(m_i, sink)
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
+            acc = acc * alpha[:, None]
+            m_i = m_new
         # A row that saw no key has l = 0: its output is 0 and its lse -inf, never NaN.
         empty_row = l_i == 0.0
         l_safe = tl.where(empty_row, 1.0, l_i)
-        out = round_to_dtype(acc / l_safe[:, None], DOT_DTYPE, INTERPRETED_BFLOAT16)
+        out = acc / l_safe[:, None]
+        if HAS_DROPOUT:
+            out = out * dropout_scale
+        out = round_to_dtype(out, DOT_DTYPE, INTERPRETED_BFLOAT16)
         # Base 2, as the scores are: backward recomputes exp2(s - lse) from the same float32 values, with no
         # ln 2 round trip (the API converts to the natural log once).
         lse = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
@@ -183,7 +211,7 @@ def attention_forward(
 
     Args:
         q: ``(B, Hq, Sq, D)``, k: ``(B, Hkv, Sk, D)``, v: ``(B, Hkv, Sk, Dv)``, all with a contiguous last dim.
-        options: scale, band, softcap and bias, already validated.
+        options: scale, band, softcap, bias, sinks, ALiBi and dropout, already validated.
 
     Returns:
         ``out (B, Hq, Sq, Dv)`` in q's dtype, and ``lse (B, Hq, Sq)`` float32 (base 2, -inf for a row
@@ -200,12 +228,13 @@ def attention_forward(
     kernel, config, launch = configs.launch("forward", _attn_fwd_kernel, _attn_fwd_kernel_tuned, *selection)
     grid, programs, launch = configs.grid_and_arguments(
         config, launch, seqlen_q, batch * heads_q, "BLOCK_M", (q, k, v, out), selection[-1])
+    sinks, alibi, rng, *alibi_strides = options.modifier_operands(q)
     kernel[grid](
-        q, k, v, bias, out, lse,
+        q, k, v, bias, sinks, alibi, rng, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        *bias_strides,
+        *bias_strides, *alibi_strides,
         out.stride(0), out.stride(1), out.stride(2),
         *options.runtime_arguments(q, k), *programs,
         **options.constexprs(q, v), **launch,

@@ -20,13 +20,17 @@ from __future__ import annotations
 import torch
 
 from flash_softmax import reference
+from flash_softmax._random import dropout_rng_state
 from flash_softmax._backend import backend_for, backend_reason, record_fallback
 from flash_softmax.attention import ops
 from flash_softmax.attention.checks import (
     broadcast_attn_bias,
+    check_alibi_slopes,
     check_attention_inputs,
     check_attn_bias,
     check_flag,
+    check_sinks,
+    resolve_dropout_p,
     resolve_softcap,
     resolve_softmax_scale,
     resolve_window,
@@ -40,8 +44,10 @@ class _Attention(torch.autograd.Function):
     ``register_autograd`` wrapper (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_bias, softmax_scale, window_left, window_right, softcap):
-        inputs = (q, k, v, attn_bias, softmax_scale, window_left, window_right, softcap)
+    def forward(ctx, q, k, v, attn_bias, sinks, alibi_slopes, rng_state, softmax_scale, window_left, window_right,
+                softcap, dropout_p):
+        inputs = (q, k, v, attn_bias, sinks, alibi_slopes, rng_state, softmax_scale, window_left, window_right,
+                  softcap, dropout_p)
         output = attention_forward_op(*inputs)
         ops.setup_context(ctx, inputs, output)
         return output
@@ -59,6 +65,9 @@ def flash_attention(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     attn_bias: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
     return_lse: bool = False,
 ):
     """Fused scaled dot-product attention, forward and backward, without an Sq x Sk matrix in memory.
@@ -85,16 +94,30 @@ def flash_attention(
         softcap: when > 0, scores become ``softcap * tanh(s / softcap)`` before the softmax (Gemma 2).
         attn_bias: float tensor added to the (capped) scaled scores, or bool tensor (True = keep),
             broadcastable to ``(B, Hq, Sq, Sk)``; broadcast dims are read with stride 0, never expanded
-            in memory. It receives no gradient.
-        return_lse: also return the logsumexp of the final scores.
+            in memory. A float bias that requires grad gets ``dL/dscores`` summed over its broadcast dims,
+            computed by a backward kernel into a tensor of the bias's own size.
+        sinks: ``(Hq,)``, any float dtype: per head the logit of a virtual key whose value is 0 (gpt-oss's
+            attention sinks), ``p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(sinks[h]))`` with ``s`` the final
+            scores; the sink is not scaled. lse includes it; a row that sees no key gives output 0 and lse
+            ``sinks[h]``. Receives its gradient when it requires one.
+        alibi_slopes: ``(Hq,)`` or ``(B, Hq)`` float32: ALiBi adds ``-slope * |i + Sk - Sq - j|`` to the
+            scores after the softcap (FlashAttention 2's definition, bottom-right aligned), computed in the
+            kernels from positions. The slopes receive no gradient (requiring one is an error).
+        dropout_p: dropout on the normalised probabilities before ``P @ V``, kept ones scaled by
+            ``1 / (1 - p)``; lse is that of the undropped probabilities. The keep decisions come from a
+            Philox generator in the kernels, keyed by a seed drawn from torch's default generator of the
+            device (``torch.manual_seed`` reproduces a call) and each element's (batch, head, query, key):
+            they do not depend on tiles or head dims, and the backward regenerates them.
+        return_lse: also return the logsumexp of the final scores (differentiable: a loss on it flows into
+            q, k, the bias and the sinks).
 
     Returns:
         ``out (B, Hq, Sq, Dv)`` in the input dtype (float32 accumulation throughout), laid out in memory
         like q on the kernels' paths: for q a ``(B, S, H, D)`` tensor seen as ``.transpose(1, 2)``, out
         is a ``(B, S, H, Dv)``-contiguous tensor seen the same way, so ``out.transpose(1, 2)`` is
         contiguous and reshaping it to ``(B, S, H * Dv)`` copies nothing. With
-        ``return_lse`` also ``lse (B, Hq, Sq)`` float32, natural log. lse carries no gradient.
-        A row that sees no key gives output 0, lse -inf and zero gradients.
+        ``return_lse`` also ``lse (B, Hq, Sq)`` float32, natural log.
+        A row that sees no key gives output 0, lse -inf (the sink with ``sinks``) and zero gradients.
 
     CUDA tensors run the compiled Triton kernels; CPU tensors run the same kernels in Triton's interpreter
     when ``TRITON_INTERPRET=1``, and otherwise ``flash_softmax.reference.attention`` (same semantics), which
@@ -106,25 +129,33 @@ def flash_attention(
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     left, right = resolve_window(window_size, causal)
     softcap = resolve_softcap(softcap)
+    dropout_p = resolve_dropout_p(dropout_p)
     if attn_bias is not None:
         check_attn_bias(attn_bias, q, k)
-        attn_bias = attn_bias.detach()  # it receives no gradient
+        if attn_bias.dtype == torch.bool:
+            attn_bias = attn_bias.detach()  # a keep-mask has no gradient
+    check_sinks(sinks, q)
+    check_alibi_slopes(alibi_slopes, q)
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.detach().to(torch.float32)
+    rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
     if backend_for(q.device) == "torch":
         record_fallback("attention_forward", backend_reason(q.device))
         out, lse = reference.attention(
             q, k, v, softmax_scale=scale, window_size=(left, right), softcap=softcap,
-            attn_bias=broadcast_attn_bias(attn_bias, q, k), return_lse=True,
+            attn_bias=broadcast_attn_bias(attn_bias, q, k), sinks=sinks, alibi_slopes=alibi_slopes,
+            dropout_p=dropout_p, rng_state=rng_state, return_lse=True,
         )
-        lse = lse.detach()
     else:
         # The op expands the bias itself (see ops.py); the one it gets is the caller's. A last dim with
         # stride != 1 is copied here, once: the autograd graph then saves the copies the kernels read,
         # and backward needs no second copy.
         q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out, lse = _Attention.apply(q, k, v, attn_bias, scale, left, right, softcap)
+        inputs = (q, k, v, attn_bias, sinks, alibi_slopes, rng_state, scale, left, right, softcap, dropout_p)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, attn_bias, sinks)):
+            out, lse = _Attention.apply(*inputs)
         else:
-            out, lse = attention_forward_op(q, k, v, attn_bias, scale, left, right, softcap)
+            out, lse = attention_forward_op(*inputs)
         if return_lse:
             lse = lse * LN2  # the kernels keep lse in base 2, as their scores are
     return (out, lse) if return_lse else out

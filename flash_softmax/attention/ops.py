@@ -1,8 +1,9 @@
 """The attention launchers registered as ``torch.library`` custom ops, so ``torch.compile`` traces them.
 
-``torch.ops.flash_softmax.attention_forward(q, k, v, attn_bias, softmax_scale, window_left, window_right,
-softcap) -> (out, lse)`` and ``torch.ops.flash_softmax.attention_backward(dout, q, k, v, out, lse,
-attn_bias, ...same scalars) -> (dq, dk, dv)`` run the Triton kernels. The forward op carries its own
+``torch.ops.flash_softmax.attention_forward(q, k, v, attn_bias, sinks, alibi_slopes, rng_state,
+softmax_scale, window_left, window_right, softcap, dropout_p) -> (out, lse)`` and
+``torch.ops.flash_softmax.attention_backward(dout, dlse, q, k, v, out, lse, ...same arguments,
+bias_requires_grad) -> (dq, dk, dv, dsinks, dbias)`` run the Triton kernels. The forward op carries its own
 autograd formula (``setup_context`` and ``backward`` below, the backward op); ``flash_attention`` applies
 the same formula through an ``autograd.Function`` of its own (see function.py for why).
 
@@ -15,8 +16,10 @@ view whose numel counts as Sq x Sk, and a tracer never sees (or materialises) th
 The fake implementations describe the results exactly as the launchers allocate them, by the same
 calls: ``out`` a fresh ``(B, Hq, Sq, Dv)`` tensor in q's dtype laid out like q (``empty_in_layout_of``:
 a ``(B, S, H, D)`` tensor seen as ``.transpose(1, 2)`` gets an output of the same kind), ``lse`` a
-contiguous ``(B, Hq, Sq)`` float32 tensor, and ``dq, dk, dv`` ``torch.empty_like`` of q, k, v after their
-last dim is made contiguous (which keeps their stride order, dense or not).
+contiguous ``(B, Hq, Sq)`` float32 tensor, ``dq, dk, dv`` ``torch.empty_like`` of q, k, v after their
+last dim is made contiguous (which keeps their stride order, dense or not), ``dsinks`` float32 ``(Hq,)`` and
+``dbias`` float32 with the bias's sizes as four dims (``bias_grad_shape``). A schema cannot return None, so
+``dsinks`` and ``dbias`` are empty ``(0,)`` tensors when there is nothing to differentiate.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from flash_softmax._backend import backend_for, device_guard, record
 from flash_softmax.attention.backward import attention_backward
-from flash_softmax.attention.checks import broadcast_attn_bias
+from flash_softmax.attention.checks import broadcast_attn_bias, pad_to_four_dims
 from flash_softmax.attention.forward import attention_forward
 from flash_softmax.attention.layout import empty_in_layout_of
 from flash_softmax.attention.options import KernelOptions
@@ -39,35 +42,50 @@ def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_options(
-    q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor | None,
-    softmax_scale: float, window_left: int, window_right: int, softcap: float,
+    q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor | None, sinks: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, rng_state: torch.Tensor | None,
+    softmax_scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float,
 ) -> KernelOptions:
     """The options of one call, with the bias as a ``(B, Hq, Sq, Sk)`` view (stride 0 where broadcast)."""
     bias = broadcast_attn_bias(attn_bias, q, k)
-    return KernelOptions(softmax_scale, window_left, window_right, softcap, bias)
+    return KernelOptions(softmax_scale, window_left, window_right, softcap, bias, sinks, alibi_slopes,
+                         dropout_p, rng_state if dropout_p > 0 else None)
+
+
+def bias_grad_shape(attn_bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
+    """The sizes of a bias's gradient as the kernels compute it: the bias's own sizes as four dims (1 where it
+    is broadcast over ``(B, Hq, Sq, Sk)``); reshaping it to the bias's shape copies nothing."""
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return tuple(1 if size == 1 else want for size, want in zip(pad_to_four_dims(attn_bias.shape), target))
 
 
 @torch.library.custom_op("flash_softmax::attention_forward", mutates_args=())
 def attention_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor | None,
-    softmax_scale: float, window_left: int, window_right: int, softcap: float,
+    sinks: torch.Tensor | None, alibi_slopes: torch.Tensor | None, rng_state: torch.Tensor | None,
+    softmax_scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out (B, Hq, Sq, Dv)`` in q's dtype and ``lse (B, Hq, Sq)`` float32 in base 2 (``log2`` of the row
-    sums of ``exp2`` of the base-2 scores; ``flash_attention`` converts it); see ``attention_forward``.
+    sums of ``exp2`` of the base-2 scores, the sink included; ``flash_attention`` converts it); see
+    ``attention_forward``.
 
-    q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)``, v ``(B, Hkv, Sk, Dv)`` and the bias must already be
-    validated (``check_attention_inputs``, ``check_attn_bias``); ``window_left`` / ``window_right`` are -1
-    for an unbounded side, with causal folded in as ``window_right = 0``; ``softcap`` 0 disables the cap.
+    q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)``, v ``(B, Hkv, Sk, Dv)``, the bias, ``sinks (Hq,)`` and float32
+    ``alibi_slopes (Hq,)`` / ``(B, Hq)`` must already be validated (``check_attention_inputs`` and friends);
+    ``rng_state`` is dropout's int64 ``(seed, offset)`` (``flash_softmax._random``), read when
+    ``dropout_p > 0``; ``window_left`` / ``window_right`` are -1 for an unbounded side, with causal folded in
+    as ``window_right = 0``; ``softcap`` 0 disables the cap.
     """
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
-    options = _kernel_options(q, k, attn_bias, softmax_scale, window_left, window_right, softcap)
+    options = _kernel_options(q, k, attn_bias, sinks, alibi_slopes, rng_state, softmax_scale, window_left,
+                              window_right, softcap, dropout_p)
     record("attention_forward", backend_for(q.device))  # here, so that calls from compiled graphs count too
     with device_guard(q):  # Triton launches on the current device
         return attention_forward(q, k, v, options)
 
 
 @attention_forward_op.register_fake
-def _(q, k, v, attn_bias, softmax_scale, window_left, window_right, softcap):
+def _(q, k, v, attn_bias, sinks, alibi_slopes, rng_state, softmax_scale, window_left, window_right, softcap,
+      dropout_p):
     q = last_dim_contiguous(q)  # what the launcher sees, so the output follows the same layout
     batch, heads_q, seqlen_q, _ = q.shape
     out = empty_in_layout_of(q, (batch, heads_q, seqlen_q, v.shape[3]), q.dtype)
@@ -77,41 +95,61 @@ def _(q, k, v, attn_bias, softmax_scale, window_left, window_right, softcap):
 
 @torch.library.custom_op("flash_softmax::attention_backward", mutates_args=())
 def attention_backward_op(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, attn_bias: torch.Tensor | None,
-    softmax_scale: float, window_left: int, window_right: int, softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dq, dk, dv`` from ``dout (B, Hq, Sq, Dv)`` (any strides) and what the forward op saw and returned;
-    see ``attention_backward``. Each gradient has its input's shape, dtype and layout."""
+    dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, attn_bias: torch.Tensor | None, sinks: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, rng_state: torch.Tensor | None,
+    softmax_scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float,
+    bias_requires_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv, dsinks, dbias`` from ``dout (B, Hq, Sq, Dv)`` (any strides), ``dlse`` (the base-2 lse's
+    gradient, or None) and what the forward op saw and returned; see ``attention_backward``. Each of dq, dk,
+    dv has its input's shape, dtype and layout; ``dsinks`` is float32 ``(Hq,)`` and ``dbias`` float32
+    ``bias_grad_shape`` (when ``bias_requires_grad``), else each an empty ``(0,)`` tensor."""
     dout, q = last_dim_contiguous(dout), last_dim_contiguous(q)
     k, v = last_dim_contiguous(k), last_dim_contiguous(v)
-    options = _kernel_options(q, k, attn_bias, softmax_scale, window_left, window_right, softcap)
+    options = _kernel_options(q, k, attn_bias, sinks, alibi_slopes, rng_state, softmax_scale, window_left,
+                              window_right, softcap, dropout_p)
     record("attention_backward", backend_for(q.device))
+    grad_shape = bias_grad_shape(attn_bias, q, k) if bias_requires_grad and attn_bias is not None else None
     with device_guard(q):
-        return attention_backward(dout, q, k, v, out, lse, options)
+        dq, dk, dv, dsinks, dbias = attention_backward(dout, q, k, v, out, lse, options, dlse, grad_shape)
+    nothing = q.new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, nothing if dsinks is None else dsinks, nothing if dbias is None else dbias
 
 
 @attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, attn_bias, softmax_scale, window_left, window_right, softcap):
-    return tuple(torch.empty_like(last_dim_contiguous(t)) for t in (q, k, v))
+def _(dout, dlse, q, k, v, out, lse, attn_bias, sinks, alibi_slopes, rng_state, softmax_scale, window_left,
+      window_right, softcap, dropout_p, bias_requires_grad):
+    dq, dk, dv = (torch.empty_like(last_dim_contiguous(t)) for t in (q, k, v))
+    dsinks = q.new_empty((q.shape[1],) if sinks is not None else (0,), dtype=torch.float32)
+    grad_shape = bias_grad_shape(attn_bias, q, k) if bias_requires_grad and attn_bias is not None else (0,)
+    return dq, dk, dv, dsinks, q.new_empty(grad_shape, dtype=torch.float32)
 
 
 def setup_context(ctx, inputs, output) -> None:
-    """The forward op's autograd context: save q, k, v, out, lse and the bias at its own size (nothing of
-    size Sq x Sk) and the scalars; lse is not differentiable."""
-    q, k, v, attn_bias, softmax_scale, window_left, window_right, softcap = inputs
+    """The forward op's autograd context: save q, k, v, out, lse, the bias at its own size (nothing of size
+    Sq x Sk), the sinks, the slopes and dropout's random state, and the scalars. Gradients that were not
+    used arrive as None (no zero tensors are made for an unused lse)."""
+    q, k, v, attn_bias, sinks, alibi_slopes, rng_state, *scalars = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_bias)
-    ctx.scalars = (softmax_scale, window_left, window_right, softcap)
-    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, attn_bias, sinks, alibi_slopes, rng_state)
+    ctx.scalars = tuple(scalars)
+    ctx.set_materialize_grads(False)
 
 
-def backward(ctx, dout, _dlse):
-    """The forward op's derivative: the backward op on what ``setup_context`` saved."""
-    q, k, v, out, lse, attn_bias = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(dout, q, k, v, out, lse, attn_bias, *ctx.scalars)
-    # The bias and the scalars receive no gradient.
-    return dq, dk, dv, None, None, None, None, None
+def backward(ctx, dout, dlse):
+    """The forward op's derivative: the backward op on what ``setup_context`` saved. ``dlse`` is None unless
+    a loss used the lse; the bias gets its gradient when it requires one, reduced to its own shape."""
+    q, k, v, out, lse, attn_bias, sinks, alibi_slopes, rng_state = ctx.saved_tensors
+    if dout is None:  # only the lse reached the loss
+        dout = torch.zeros_like(out)
+    bias_requires_grad = attn_bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dsinks, dbias = attention_backward_op(
+        dout, dlse, q, k, v, out, lse, attn_bias, sinks, alibi_slopes, rng_state, *ctx.scalars, bias_requires_grad)
+    dsinks = dsinks.to(sinks.dtype) if sinks is not None and ctx.needs_input_grad[4] else None
+    dbias = dbias.to(attn_bias.dtype).view(attn_bias.shape) if bias_requires_grad else None
+    # The slopes, the random state and the scalars receive no gradient.
+    return dq, dk, dv, dbias, dsinks, None, None, None, None, None, None, None
 
 
 attention_forward_op.register_autograd(backward, setup_context=setup_context)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 
+from flash_softmax._random import dropout_threshold
 from flash_softmax._triton_helpers import interpreted_bfloat16
 from flash_softmax.attention import configs
 from flash_softmax.attention.common import LOG2E
@@ -25,7 +26,8 @@ class KernelOptions:
 
     ``window_left`` / ``window_right`` are -1 for an unbounded side; causal has already been folded in
     as ``window_right = 0``. ``attn_bias`` is None or a ``(B, Hq, Sq, Sk)`` view with stride 0 along the
-    broadcast dims.
+    broadcast dims. ``sinks`` is None or ``(Hq,)`` in any float dtype; ``alibi_slopes`` None or float32
+    ``(Hq,)`` / ``(B, Hq)``; ``rng_state`` the int64 ``(seed, offset)`` pair of dropout (None without it).
     """
 
     softmax_scale: float
@@ -33,6 +35,10 @@ class KernelOptions:
     window_right: int = -1
     softcap: float = 0.0
     attn_bias: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    rng_state: torch.Tensor | None = None
 
     @property
     def bias_kind(self) -> int:
@@ -46,8 +52,22 @@ class KernelOptions:
             return q, (0, 0, 0, 0)
         return self.attn_bias, tuple(self.attn_bias.stride())
 
+    def modifier_operands(self, q: torch.Tensor) -> tuple:
+        """``(Sinks, Alibi, Rng, stride_ab, stride_ah)``: the sinks, the ALiBi slopes with their batch and
+        head strides (batch stride 0 for ``(Hq,)`` slopes) and dropout's ``(seed, offset)``. An absent one is
+        any valid pointer, never read (its constexpr switch is off)."""
+        sinks = q if self.sinks is None else self.sinks
+        rng = q if self.rng_state is None else self.rng_state
+        slopes = self.alibi_slopes
+        if slopes is None:
+            return sinks, q, rng, 0, 0
+        if slopes.dim() == 1:
+            return sinks, slopes, rng, 0, slopes.stride(0)
+        return sinks, slopes, rng, slopes.stride(0), slopes.stride(1)
+
     def runtime_arguments(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
-        """Sizes, band and scales, in the order every attention kernel declares them."""
+        """Sizes, band, scales and dropout's threshold and rescale, in the order every attention kernel
+        declares them."""
         heads_q, seqlen_q = q.shape[1], q.shape[2]
         heads_kv, seqlen_k = k.shape[1], k.shape[2]
         softcap = self.softcap
@@ -59,6 +79,7 @@ class KernelOptions:
             min(max(self.window_left, 0), reach), min(max(self.window_right, 0), reach),
             self.softmax_scale, self.softmax_scale * LOG2E,
             self.softmax_scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
+            dropout_threshold(self.dropout_p), 1.0 / (1.0 - self.dropout_p),
             configs.length_bucket(seqlen_q), configs.length_bucket(seqlen_k),
         )
 
@@ -85,6 +106,8 @@ class KernelOptions:
             BLOCK_D=configs.padded_head_dim(head_dim), BLOCK_DV=configs.padded_head_dim(head_dim_v),
             HAS_LEFT=self.window_left >= 0, HAS_RIGHT=self.window_right >= 0,
             HAS_SOFTCAP=self.softcap > 0, BIAS_KIND=self.bias_kind,
+            HAS_SINKS=self.sinks is not None, HAS_ALIBI=self.alibi_slopes is not None,
+            HAS_DROPOUT=self.dropout_p > 0,
             # Accumulate (and keep lse) in float32, or float64 for float64 inputs.
             ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32,
             INTERPRETED_BFLOAT16=interpreted_bfloat16(q.dtype),
