@@ -8,6 +8,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from flash_softmax.attention.checks import resolve_dropout_p
 from flash_softmax.attention.configs import MAX_HEAD_DIM
 from flash_softmax.attention.function import flash_attention
 
@@ -38,7 +39,8 @@ class MultiheadAttention(nn.Module):
         causal: always apply the causal mask, aligned to the bottom-right corner (query ``i`` sees key
             ``j`` iff ``j <= i + Sk - Sq``); for self-attention that is the usual lower triangle.
         kdim, vdim: last dims of the key and value inputs; default ``embed_dim``.
-        dropout: must be 0: the kernels have no attention dropout.
+        dropout: attention dropout probability in [0, 1), applied in the kernels in training mode only (as
+            ``torch.nn.MultiheadAttention`` does).
         device, dtype: of the parameters.
     """
 
@@ -75,8 +77,7 @@ class MultiheadAttention(nn.Module):
                 f"the head dim embed_dim / num_heads must be at most {MAX_HEAD_DIM}, "
                 f"got {embed_dim} / {num_heads} = {head_dim}"
             )
-        if dropout != 0:
-            raise ValueError(f"dropout must be 0.0 (the fused kernels have no attention dropout), got {dropout!r}")
+        dropout = resolve_dropout_p(dropout)
         for name, flag in (("bias", bias), ("batch_first", batch_first), ("causal", causal)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
@@ -85,7 +86,7 @@ class MultiheadAttention(nn.Module):
 
         self.embed_dim, self.kdim, self.vdim = embed_dim, kdim, vdim
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.batch_first, self.causal = batch_first, causal
+        self.batch_first, self.causal, self.dropout = batch_first, causal, dropout
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(kdim, num_kv_heads * head_dim, bias=bias, **factory)
@@ -160,7 +161,8 @@ class MultiheadAttention(nn.Module):
         k = self._split_heads(self.k_proj(key), self.num_kv_heads)
         v = self._split_heads(self.v_proj(value), self.num_kv_heads)
         bias = self._attention_bias(key_padding_mask, attn_mask, batch, seqlen_q, seqlen_k)
-        out = flash_attention(q, k, v, causal=self.causal or bool(is_causal), attn_bias=bias)
+        dropout_p = self.dropout if self.training else 0.0
+        out = flash_attention(q, k, v, causal=self.causal or bool(is_causal), attn_bias=bias, dropout_p=dropout_p)
         out = rearrange(out, f"b h s d -> {self._sequence_layout} (h d)")
         return self.out_proj(out), None
 
@@ -209,8 +211,8 @@ class MultiheadAttention(nn.Module):
     def from_torch(cls, module: nn.MultiheadAttention, causal: bool = False) -> "MultiheadAttention":
         """A ``MultiheadAttention`` holding copies of ``module``'s weights, on its device and in its dtype.
 
-        Raises ``ValueError`` for what the fused module does not have: ``add_bias_kv``, ``add_zero_attn``
-        and a non-zero dropout (set ``module.dropout = 0.0`` first for inference).
+        Raises ``ValueError`` for what the fused module does not have: ``add_bias_kv`` and ``add_zero_attn``.
+        The dropout probability is copied (the dropped elements differ from torch's: another generator).
         """
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
@@ -242,7 +244,7 @@ class MultiheadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-            f"batch_first={self.batch_first}, causal={self.causal}"
+            f"batch_first={self.batch_first}, causal={self.causal}, dropout={self.dropout}"
         )
 
 

@@ -64,8 +64,8 @@ def fallback_reason(
         return "inputs on different devices"
     if backend_for(query.device) == "torch":
         return backend_reason(query.device)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
-        return f"dropout_p={dropout_p!r}: the kernels have no dropout"
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        return f"dropout_p={dropout_p!r} is not a probability in [0, 1)"
     if not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
         return "is_causal or enable_gqa is not a bool"
     if scale is not None and (
@@ -104,8 +104,6 @@ def fallback_reason(
             broadcasts = False
         if not broadcasts:
             return f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}"
-        if attn_mask.requires_grad and torch.is_grad_enabled():
-            return "attn_mask requires grad: the kernels give the bias no gradient"
     return None
 
 
@@ -124,8 +122,12 @@ def scaled_dot_product_attention(
     Args:
         query: ``(B, Hq, Sq, D)``; key: ``(B, Hkv, Sk, D)``; value: ``(B, Hkv, Sk, Dv)``.
         attn_mask: bool (True = takes part) or float (added to the scaled scores), broadcastable to
-            ``(B, Hq, Sq, Sk)``; read in place with stride 0 along broadcast dims.
-        dropout_p: only 0 runs the kernels; anything else is torch's computation.
+            ``(B, Hq, Sq, Sk)``; read in place with stride 0 along broadcast dims. A float mask that
+            requires grad gets its gradient, summed over its broadcast dims, as with torch.
+        dropout_p: dropout on the attention probabilities, in the kernels (as torch's function, it applies
+            whenever it is > 0, in training or not). The keep decisions come from the kernels' own Philox
+            generator seeded from torch's default generator, so ``torch.manual_seed`` reproduces a call; they
+            are not the elements torch's implementation would drop.
         is_causal: torch's causal mask, aligned to the top-left corner: query ``i`` sees key ``j`` iff
             ``j <= i``. (``flash_attention(causal=True)`` aligns to the bottom-right instead.)
         scale: multiplies ``query @ key.T``; defaults to ``1 / sqrt(D)``.
@@ -143,9 +145,9 @@ def scaled_dot_product_attention(
     ``j <= i + Sk - Sq``); with ``is_causal=True`` it is torch's error, a ``ValueError``.
 
     Calls the kernels cannot serve fall back to torch's function with the same arguments (see
-    ``fallback_reason``): dropout, inputs that are not 4-d, float64, head dims above 256, ``attn_mask``
-    with ``is_causal``, a mask that requires grad, devices without a Triton backend, tensor subclasses
-    with semantics of their own, and everything torch rejects, which then raises torch's own error.
+    ``fallback_reason``): inputs that are not 4-d, float64, head dims above 256, ``attn_mask`` with
+    ``is_causal``, devices without a Triton backend, tensor subclasses with semantics of their own, and
+    everything torch rejects, which then raises torch's own error.
     Each fallback warns once per reason (``flash_softmax.FallbackWarning``) and is counted in
     ``flash_softmax.stats()``.
     """
@@ -164,7 +166,8 @@ def scaled_dot_product_attention(
         if key.shape[2] > seqlen_q:
             key, value = key[:, :, :seqlen_q], value[:, :, :seqlen_q]
         window = (-1, seqlen_q - key.shape[2])
-    return flash_attention(query, key, value, softmax_scale=scale, window_size=window, attn_bias=attn_mask)
+    return flash_attention(query, key, value, softmax_scale=scale, window_size=window, attn_bias=attn_mask,
+                           dropout_p=float(dropout_p))
 
 
 def _torch_sdpa(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -190,7 +193,7 @@ def _causal_bias_attention(query, key, value, attn_mask: CausalBias, dropout_p, 
     if reason is not None:
         return _torch_sdpa(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     record("scaled_dot_product_attention", backend_for(query.device))
-    return flash_attention(query, key, value, causal=True, softmax_scale=scale)
+    return flash_attention(query, key, value, causal=True, softmax_scale=scale, dropout_p=float(dropout_p))
 
 
 class patch_sdpa:

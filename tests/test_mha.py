@@ -218,7 +218,7 @@ def test_grouped_query_module(dtype):
         ({"embed_dim": 64, "num_heads": 4, "num_kv_heads": 3}, ValueError, "multiple of num_kv_heads"),
         ({"embed_dim": 0, "num_heads": 1}, ValueError, "embed_dim must be a positive int, got 0"),
         ({"embed_dim": 600, "num_heads": 2}, ValueError, "at most 256, got 600 / 2 = 300"),
-        ({"embed_dim": 64, "num_heads": 4, "dropout": 0.1}, ValueError, "dropout must be 0.0"),
+        ({"embed_dim": 64, "num_heads": 4, "dropout": 1.0}, ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
         ({"embed_dim": 64, "num_heads": 4, "causal": 1}, TypeError, "causal must be a bool, got int"),
     ],
 )
@@ -245,7 +245,23 @@ def test_call_errors():
 def test_from_torch_errors():
     with pytest.raises(ValueError, match="add_bias_kv or add_zero_attn"):
         fs.MultiheadAttention.from_torch(nn.MultiheadAttention(EMBED, HEADS, add_bias_kv=True))
-    with pytest.raises(ValueError, match="dropout must be 0.0"):
-        fs.MultiheadAttention.from_torch(nn.MultiheadAttention(EMBED, HEADS, dropout=0.1))
     with pytest.raises(TypeError, match="must be a torch.nn.MultiheadAttention, got Linear"):
         fs.MultiheadAttention.from_torch(nn.Linear(4, 4))
+
+
+def test_dropout_applies_in_training_only():
+    """The module's dropout runs in the kernels in training mode, reproducibly under torch.manual_seed, and
+    not at all in eval mode; from_torch copies the probability."""
+    module = fs.MultiheadAttention.from_torch(torch_module(dropout=0.3))
+    assert module.dropout == 0.3
+    x = randn(2, 10, EMBED)
+    module.eval()
+    plain, _ = module(x)
+    torch.manual_seed(0)
+    assert torch.equal(plain, module(x)[0])
+    module.train()
+    torch.manual_seed(0)
+    dropped, _ = module(x)
+    torch.manual_seed(0)
+    assert torch.equal(dropped, module(x)[0])
+    assert not torch.allclose(dropped, plain)

@@ -164,7 +164,45 @@ def test_kernels_run_the_served_calls(monkeypatch):
     q, k, v = make_inputs(1, 2, 2, 10, 12, 16, torch.float32)
     fs.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5)
     assert len(calls) == 1
-    assert calls[0][4:] == (0.5, -1, 0, 0.0)  # scale, left, right = Sq - min(Sk, Sq), softcap
+    # No sinks, slopes or dropout state; scale, left, right = Sq - min(Sk, Sq), softcap, dropout_p.
+    assert calls[0][4:] == (None, None, None, 0.5, -1, 0, 0.0, 0.0)
+
+
+def test_float_mask_that_requires_grad_gets_torchs_gradient():
+    """The mask's gradient is computed by the kernels (no fallback), summed over its broadcast dims."""
+    q, k, v = make_inputs(2, 2, 2, 11, 13, 16, torch.float32)
+    mask = torch.randn(2, 1, 11, 13, generator=torch.Generator().manual_seed(5)).to(DEVICE).requires_grad_()
+    assert fallback_reason(q, k, v, attn_mask=mask) is None
+    out = fs.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, mask)]
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = TORCH_SDPA(*leaves[:3], attn_mask=leaves[3])
+    expected.backward(dout.double())
+    assert_close("out", out, expected, None)
+    for name, tensor, leaf in zip(("dq", "dk", "dv", "dmask"), (q, k, v, mask), leaves):
+        assert_close(name, tensor.grad, leaf.grad, None)
+
+
+def test_dropout_runs_in_the_kernels_and_reproduces():
+    """dropout_p > 0 is served by the kernels; torch.manual_seed reproduces the call, and the result is the
+    reference's with the same random state (an independent Philox in plain PyTorch)."""
+    q, k, v = make_inputs(1, 2, 2, 19, 23, 16, torch.float32)
+    assert fallback_reason(q, k, v, dropout_p=0.25, is_causal=True) is None
+    fs.reset_stats()
+    torch.manual_seed(3)
+    out = fs.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True)
+    assert fs.stats()["fallbacks"] == {}
+    torch.manual_seed(3)
+    again = fs.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True)
+    assert torch.equal(out, again)
+    assert not torch.equal(out, fs.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True))
+    torch.manual_seed(3)
+    # torch's top-left is_causal with Sq < Sk never reaches keys past Sq: the drop-in attends the first Sq.
+    expected = fs.reference.attention(*(t.double() for t in (q, k[:, :, :19], v[:, :, :19])), causal=True,
+                                      dropout_p=0.25)
+    assert_close("out", out, expected, None)
 
 
 def _fallback_cases():
@@ -183,19 +221,14 @@ def _fallback_cases():
         q, k, v = inputs(1, 2, 2, 9, 11, 16)
         return (q, k, v), {"attn_mask": torch.rand(9, 11, device=DEVICE) < 0.8, "is_causal": True}
 
-    def mask_requires_grad():
-        q, k, v = inputs(1, 2, 2, 9, 11, 16)
-        return (q, k, v), {"attn_mask": torch.randn(9, 11, device=DEVICE, requires_grad=True)}
-
     return {
-        "dropout": lambda: (inputs(1, 2, 2, 9, 11, 16), {"dropout_p": 0.3}),
+        "dropout-of-one": lambda: (inputs(1, 2, 2, 9, 11, 16), {"dropout_p": 1.0}),
         "float64": lambda: (inputs(1, 2, 2, 9, 11, 16, torch.float64), {"is_causal": True}),
         "head-dim-300": lambda: (inputs(1, 1, 1, 5, 6, 300), {}),
         "value-head-dim-300": lambda: (inputs(1, 1, 1, 5, 6, 16, head_dim_v=300), {}),
         "3-d": three_dims,
         "5-d": five_dims,
         "mask-and-causal": mask_and_causal,
-        "mask-requires-grad": mask_requires_grad,
         "one-kv-head-without-gqa": lambda: (inputs(1, 2, 1, 9, 11, 16), {}),
     }
 

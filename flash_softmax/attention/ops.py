@@ -113,8 +113,11 @@ def attention_backward_op(
     grad_shape = bias_grad_shape(attn_bias, q, k) if bias_requires_grad and attn_bias is not None else None
     with device_guard(q):
         dq, dk, dv, dsinks, dbias = attention_backward(dout, q, k, v, out, lse, options, dlse, grad_shape)
-    nothing = q.new_empty((0,), dtype=torch.float32)
-    return dq, dk, dv, nothing if dsinks is None else dsinks, nothing if dbias is None else dbias
+    if dsinks is None:
+        dsinks = q.new_empty((0,), dtype=torch.float32)
+    if dbias is None:  # a tensor of its own: a custom op's outputs must not alias each other
+        dbias = q.new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, dsinks, dbias
 
 
 @attention_backward_op.register_fake
