@@ -203,10 +203,18 @@ def test_module_matches_functional():
     assert torch.equal(module(q, k, v), fs.flash_attention(q, k, v, causal=True, softmax_scale=0.3))
 
 
-def test_lse_carries_no_gradient():
-    q, k, v = make_inputs(1, 1, 1, 10, 10, 16, torch.float32)
+def test_lse_is_differentiable():
+    """A loss on lse alone (out unused) reaches q and k, and gives v no gradient (d lse / d v = 0)."""
+    q, k, v = make_inputs(1, 2, 1, 10, 13, 16, torch.float32)
     out, lse = fs.flash_attention(q, k, v, return_lse=True)
-    assert out.requires_grad and not lse.requires_grad
+    assert out.requires_grad and lse.requires_grad
+    lse.sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    _, expected = fs.reference.attention(*leaves, return_lse=True)
+    expected.sum().backward()
+    for name, tensor, leaf in zip(("dq", "dk"), (q, k), leaves):
+        assert_close(name, tensor.grad, leaf.grad, None)
+    assert torch.equal(v.grad, torch.zeros_like(v))
 
 
 def test_torch_path_has_the_same_semantics(monkeypatch):

@@ -106,11 +106,15 @@ def test_padding_mask_with_fully_padded_sequence():
         assert not torch.isnan(tensor).any()
 
 
-def test_bias_gets_no_gradient():
+def test_float_bias_gets_its_gradient_and_bool_mask_none():
+    """(The gradients of every bias shape are checked in test_score_modifiers.py.)"""
     q, k, v = make_inputs(1, 1, 1, 20, 20, 16, torch.float32)
     bias = torch.randn(1, 1, 20, 20, device=DEVICE, requires_grad=True)
     fs.flash_attention(q, k, v, attn_bias=bias).sum().backward()
-    assert bias.grad is None and q.grad is not None
+    assert bias.grad is not None and bias.grad.shape == bias.shape and q.grad is not None
+    mask = torch.ones(1, 1, 20, 20, dtype=torch.bool, device=DEVICE)
+    fs.flash_attention(q, k, v, attn_bias=mask).sum().backward()
+    assert mask.grad is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

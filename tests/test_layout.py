@@ -167,7 +167,8 @@ def test_opcheck_with_a_bshd_view():
     q, k, v = _layouts()["bshd"]
     bias = torch.randn(2, 1, 1, 13, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     torch.library.opcheck(torch.ops.flash_softmax.attention_forward.default,
-                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), bias, 0.4, -1, 0, 0.0))
+                          (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), bias, None, None, None, 0.4, -1, 0,
+                           0.0, 0.0))
 
 
 def test_compiled_bshd_view_equals_eager():

@@ -149,15 +149,15 @@ def sdpa_inputs(seqlen_q=5, seqlen_k=7, heads_kv=2):
 
 def test_sdpa_fallbacks_warn_once_and_are_counted():
     q, k, v = sdpa_inputs()
-    with pytest.warns(fs.FallbackWarning, match="dropout_p=0.5") as caught:
+    with pytest.warns(fs.FallbackWarning, match="dtypes torch.float64") as caught:
         for _ in range(3):
-            fs.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+            fs.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert len([w for w in caught if issubclass(w.category, fs.FallbackWarning)]) == 1
     fs.scaled_dot_product_attention(q, k, v, is_causal=True)
     stats = fs.stats()
     assert stats["scaled_dot_product_attention"] == {"torch": 3, KERNEL_PATH: 1}
     (reason, count), = stats["fallbacks"].items()
-    assert count == 3 and reason.startswith("scaled_dot_product_attention: dropout_p=0.5")
+    assert count == 3 and reason.startswith("scaled_dot_product_attention: dtypes torch.float64")
     assert stats["attention_forward"] == {KERNEL_PATH: 1}
 
 
@@ -265,8 +265,8 @@ def test_causal_bias_with_is_causal_is_torchs_error(patched):
 
 def test_causal_bias_that_the_kernels_cannot_serve_goes_to_torch():
     q, k, v = sdpa_inputs(5, 7)
-    with pytest.warns(fs.FallbackWarning, match="dropout_p"):
-        fs.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(5, 7), dropout_p=0.3)
+    with pytest.warns(fs.FallbackWarning, match="dtypes torch.float64"):
+        fs.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=causal_lower_right(5, 7))
     assert fs.stats()["scaled_dot_product_attention"] == {"torch": 1}
 
 
