@@ -154,3 +154,19 @@ def test_wide_heads_every_configuration(kernel, config, dtype, causal, head_dim)
     with configs.override(**({} if kernel is None else {kernel: config})):
         results = kernel_results(q, k, v, dout, causal=causal)
     assert_matches_reference(results, q, k, v, dout, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_modifiers_repeat_bitwise_and_match_the_reference(dtype):
+    """Sinks, ALiBi, dropout, a learned bias and a loss on lse, compiled at GPU sizes: every gradient
+    (dsinks and dbias included) bitwise equal over repeats under one seed, and correct by the accuracy
+    policy (test_score_modifiers.check, with its float64 truth)."""
+    from test_score_modifiers import check, make_case
+
+    shape = (2, 8, 2, 1023, 1537, 128, 128)
+    tensors, extras = make_case(shape, dtype, sinks=True, alibi="heads", bias=(1, 8, 1023, 1537))
+    first = check(tensors, extras, dropout_p=0.1, causal=True, lse_loss=True)
+    for _ in range(4):
+        again = check(tensors, extras, dropout_p=0.1, causal=True, lse_loss=True)
+        for name, tensor in first.items():
+            assert torch.equal(tensor, again[name]), name

@@ -362,3 +362,28 @@ def test_compiled_graph_with_every_modifier_equals_eager():
     eager = run(attention)
     for got, expected in zip(compiled, eager):
         assert torch.equal(got, expected)
+
+
+def test_module_passes_modifiers_and_drops_out_in_training_only():
+    (q, k, v), extras = make_case(GQA, torch.float32, sinks=True, alibi="heads")
+    layer = fs.FlashAttention(causal=True, dropout_p=0.3, softcap=4.0)
+    assert "dropout_p=0.3" in repr(layer)
+    layer.eval()
+    expected = fs.flash_attention(q, k, v, causal=True, softcap=4.0, sinks=extras["sinks"],
+                                  alibi_slopes=extras["alibi_slopes"])
+    assert torch.equal(layer(q, k, v, sinks=extras["sinks"], alibi_slopes=extras["alibi_slopes"]), expected)
+    layer.train()
+    torch.manual_seed(2)
+    dropped = layer(q, k, v)
+    torch.manual_seed(2)
+    assert torch.equal(dropped, fs.flash_attention(q, k, v, causal=True, softcap=4.0, dropout_p=0.3))
+
+
+def test_bias_gradient_with_the_gpu_tile(monkeypatch):
+    """The bias-gradient kernel's compiled tile (64 x 64; 64 x 32 beside 256-wide heads) run in the
+    interpreter, on lengths at the tile's edges, for a full and a broadcast bias."""
+    gpu_tile = KernelConfig(64, 64, 4, 2)
+    monkeypatch.setattr(configs, "dbias_config", lambda head_dim, head_dim_v: gpu_tile)
+    for bias in ((1, 2, 65, 127), (2, 1, 1, 127)):
+        tensors, extras = make_case((2, 2, 1, 65, 127, 16, 16), torch.float32, bias=bias)
+        check(tensors, extras, causal=True)

@@ -522,8 +522,10 @@ def _attn_bwd_dbias_kernel(
                 q = dot_operand(q, DOT_DTYPE, INTERPRETED_BFLOAT16)
                 do = dot_operand(do, DOT_DTYPE, INTERPRETED_BFLOAT16)
                 lse2, delta = _load_row_stats(LSE + row_stats, Delta + row_stats, rows, row_mask, True)
-                band_begin, _, _, band_end = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                                       BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+                # (No ``_`` for the unused bounds: a name assigned again in the loop below must keep its type.)
+                band = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
+                                 HAS_LEFT, HAS_RIGHT)
+                band_begin, band_end = band[0], band[3]
                 # Both starts are multiples of BLOCK_N, so the walk stays on this tile's key blocks.
                 for start_n in range(tl.maximum(cols_begin, band_begin), tl.minimum(cols_end, band_end), BLOCK_N):
                     cols = start_n + offs_n
@@ -534,7 +536,7 @@ def _attn_bwd_dbias_kernel(
                                 mask=col_mask[:, None] & mask_dv[None, :], other=0.0)
                     k = dot_operand(k, DOT_DTYPE, INTERPRETED_BFLOAT16)
                     v = dot_operand(v, DOT_DTYPE, INTERPRETED_BFLOAT16)
-                    scores, _, keep = score_tile(
+                    scores, capped, keep = score_tile(
                         q, tl.trans(k), rows[:, None], cols[None, :], bias_ptr, stride_bm, stride_bn, seqlen_q,
                         seqlen_k, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope,
                         ACC_DTYPE, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)

@@ -546,12 +546,18 @@ PREPROCESS_BLOCK_M = _INTERPRETER_BLOCK if INTERPRETED else 64
 
 def dbias_config(head_dim: int, head_dim_v: int) -> KernelConfig:
     """The tile of the bias-gradient kernel (``_attn_bwd_dbias_kernel``), which runs only for a float bias
-    that requires grad. Not tuned: square 64-wide tiles (32 keys beside a 256-wide head, to keep Q, dO, K
-    and V tiles in shared memory), the interpreter's small tile on the CPU."""
+    that requires grad; the interpreter's small tile on the CPU. Not tuned yet: the largest tiles that
+    compile to wgmma on sm_90a without spilling for a full or key-broadcast bias, with or without the
+    other modifiers (notes/perf.md, 'Score modifiers'), over 8 warps, which halved the registers 4 warps
+    needed."""
     if INTERPRETED:
         return interpreter_config("backward_dq")
-    wide = max(head_dim, head_dim_v) > 128
-    return KernelConfig(64, 32 if wide else 64, 4, 2)
+    widest = max(head_dim, head_dim_v)
+    if widest <= 64:
+        return KernelConfig(64, 64, 8, 2)
+    if widest <= 128:
+        return KernelConfig(128, 32, 8, 2)
+    return KernelConfig(64, 32, 8, 2)
 
 #: Keys the autotuner separates results by (the seqlen ones are bucketed by the launchers).
 AUTOTUNE_KEY = [
