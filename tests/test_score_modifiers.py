@@ -387,3 +387,23 @@ def test_bias_gradient_with_the_gpu_tile(monkeypatch):
     for bias in ((1, 2, 65, 127), (2, 1, 1, 127)):
         tensors, extras = make_case((2, 2, 1, 65, 127, 16, 16), torch.float32, bias=bias)
         check(tensors, extras, causal=True)
+
+
+def test_calls_with_modifiers_keep_the_forward_tile_within_its_bound(monkeypatch):
+    """The selection a GPU makes (the interpreter's fixed tile switched off): a plain call at head dim 64
+    takes the 128 x 128 default, a call with modifiers the first entry within MODIFIED_FORWARD_MAX_TILE."""
+    monkeypatch.setattr(configs, "INTERPRETED", False)
+    monkeypatch.setattr(configs, "_shared_memory_limit", lambda: 232448)
+    monkeypatch.setattr(configs, "device_arch", lambda: "sm_90a")
+    monkeypatch.setattr("flash_softmax.attention.table.current_table", lambda: None)
+    configs.clear_cache()
+    try:
+        plain, _ = configs.select_config("forward", "bfloat16", 2, 64, 64, True, 4096, 4096)
+        modified, source = configs.select_config("forward", "bfloat16", 2, 64, 64, True, 4096, 4096, modified=True)
+        backward_modified, _ = configs.select_config("backward_dq", "bfloat16", 2, 64, 64, True, 4096, 4096,
+                                                     modified=True)
+    finally:
+        configs.clear_cache()
+    assert plain.block_m * plain.block_n > configs.MODIFIED_FORWARD_MAX_TILE
+    assert modified.block_m * modified.block_n <= configs.MODIFIED_FORWARD_MAX_TILE and source == "default"
+    assert backward_modified == configs.default_config("backward_dq", 64, 64, 2, arch="sm_90a")

@@ -352,21 +352,45 @@ def config_key(kernel: str, dtype_name: str, head_dim: int, head_dim_v: int, cau
                      table_length_bucket(seqlen_q, seqlen_k))
 
 
+#: Largest forward tile (BLOCK_M x BLOCK_N) for a call with score modifiers (dropout, a float bias, ALiBi,
+#: sinks). Each adds live state per score tile (Philox counters, a bias tile, distances): with all of them,
+#: the 128 x 128 default of 64-wide heads spills 10.9 KB on sm_90a where 128 x 64 needs 184 registers and
+#: none (notes/perf.md, 'Score modifiers'). The tables are timed on plain calls, so this applies to them too.
+MODIFIED_FORWARD_MAX_TILE = 128 * 64
+
+
 def select_config(kernel: str, dtype_name: str, element_size: int, head_dim: int, head_dim_v: int,
-                  causal: bool, seqlen_q: int, seqlen_k: int, device_index: int = 0) -> tuple[KernelConfig, str]:
+                  causal: bool, seqlen_q: int, seqlen_k: int, device_index: int = 0, *,
+                  modified: bool = False) -> tuple[KernelConfig, str]:
     """``(config, source)`` for one launch; ``source`` is ``"override"``, ``"interpreter"``, ``"table"`` or
-    ``"default"`` (what ``flash-softmax info`` reports). Cached per shape bucket."""
+    ``"default"`` (what ``flash-softmax info`` reports). Cached per shape bucket. ``modified``: the call
+    has score modifiers, and a forward tile larger than ``MODIFIED_FORWARD_MAX_TILE`` gives way to the
+    first configuration of the space within it."""
     if kernel in _overrides:
         return _overrides[kernel], "override"
     if INTERPRETED:
         return interpreter_config(kernel), "interpreter"
     cache_key = (kernel, dtype_name, element_size, head_dim, head_dim_v, causal,
-                 table_length_bucket(seqlen_q, seqlen_k), device_index)
+                 table_length_bucket(seqlen_q, seqlen_k), device_index, modified)
     hit = _cache.get(cache_key)
     if hit is None:
         hit = _select_uncached(kernel, dtype_name, element_size, head_dim, head_dim_v, causal, seqlen_q, seqlen_k)
+        if modified and kernel == "forward":
+            hit = _within_modified_tile(hit, head_dim, head_dim_v, element_size)
         _cache[cache_key] = hit
     return hit
+
+
+def _within_modified_tile(choice: tuple[KernelConfig, str], head_dim: int, head_dim_v: int,
+                          element_size: int) -> tuple[KernelConfig, str]:
+    """``choice``, or the first fitting configuration of the forward's space whose tile is at most
+    ``MODIFIED_FORWARD_MAX_TILE`` (its source then ``"default"``)."""
+    config, source = choice
+    if config.block_m * config.block_n <= MODIFIED_FORWARD_MAX_TILE or element_size >= 8:
+        return choice
+    smaller = [c for c in prune("forward", head_dim, head_dim_v, element_size, _shared_memory_limit())
+               if c.block_m * c.block_n <= MODIFIED_FORWARD_MAX_TILE]
+    return (smaller[0], "default") if smaller else choice
 
 
 def _select_uncached(kernel, dtype_name, element_size, head_dim, head_dim_v, causal, seqlen_q, seqlen_k):
@@ -432,13 +456,14 @@ def autotune(kernel: str, jit_function):
 
 
 def launch(kernel: str, plain, tuned, dtype_name: str, element_size: int, head_dim: int, head_dim_v: int,
-           causal: bool, seqlen_q: int, seqlen_k: int, device_index: int = 0):
+           causal: bool, seqlen_q: int, seqlen_k: int, device_index: int = 0, *, modified: bool = False):
     """``(jit kernel, config or None, launch keyword arguments)``: the autotuned kernel with no options
-    when ``AUTOTUNE`` (and nothing overrides it), else the plain kernel with the selected configuration."""
+    when ``AUTOTUNE`` (and nothing overrides it), else the plain kernel with the selected configuration
+    (``modified``: see ``select_config``)."""
     if AUTOTUNE and not INTERPRETED and kernel not in _overrides:
         return tuned, None, {}
     config, _ = select_config(kernel, dtype_name, element_size, head_dim, head_dim_v, causal,
-                              seqlen_q, seqlen_k, device_index)
+                              seqlen_q, seqlen_k, device_index, modified=modified)
     return plain, config, config.launch_options()
 
 

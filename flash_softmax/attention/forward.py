@@ -225,7 +225,8 @@ def attention_forward(
 
     bias, bias_strides = options.bias_operand(q)
     selection = options.selection_arguments(q, k, v)
-    kernel, config, launch = configs.launch("forward", _attn_fwd_kernel, _attn_fwd_kernel_tuned, *selection)
+    kernel, config, launch = configs.launch("forward", _attn_fwd_kernel, _attn_fwd_kernel_tuned, *selection,
+                                            modified=options.modified)
     grid, programs, launch = configs.grid_and_arguments(
         config, launch, seqlen_q, batch * heads_q, "BLOCK_M", (q, k, v, out), selection[-1])
     sinks, alibi, rng, *alibi_strides = options.modifier_operands(q)

@@ -41,6 +41,13 @@ class KernelOptions:
     rng_state: torch.Tensor | None = None
 
     @property
+    def modified(self) -> bool:
+        """Whether a score modifier is on (a float bias, sinks, ALiBi or dropout): see
+        ``configs.select_config``."""
+        return (self.bias_kind == ADDITIVE_BIAS or self.sinks is not None or self.alibi_slopes is not None
+                or self.dropout_p > 0)
+
+    @property
     def bias_kind(self) -> int:
         if self.attn_bias is None:
             return NO_BIAS
