@@ -21,6 +21,8 @@ import torch
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 ATTENTION_MODES = ("fwd", "bwd", "fwd_bwd")
+#: The score modifiers ``bench`` times (and ``verify --seqlens`` checks) beside plain attention.
+MODIFIER_NAMES = ("sinks", "alibi", "dropout", "bias")
 #: The attention kernels, as ``tune --kernels`` and ``compile-report --kernels`` name them.
 KERNEL_NAMES = ("forward", "backward_dkdv", "backward_dq")
 
@@ -81,6 +83,11 @@ def _add_shape_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"dtypes to run, some of {', '.join(DTYPE_NAMES)}")
     parser.add_argument("--batch", type=_positive_int, help="fix the batch size instead of the default")
     parser.add_argument("--heads", type=_positive_int, help="fix the number of heads instead of the default")
+    parser.add_argument("--modifiers", nargs="+", choices=MODIFIER_NAMES, metavar="NAME",
+                        help=f"score modifiers, some of {', '.join(MODIFIER_NAMES)}: sinks (Hq,), ALiBi slopes "
+                        "(Hq,), dropout p=0.1, a float (B, 1, S, S) bias requiring grad. Each adds a run of every "
+                        "attention shape with it: bench times it on flash_softmax (CSV column overhead_vs_plain), "
+                        "verify (with --seqlens) checks it")
 
 
 def build_parser() -> argparse.ArgumentParser:

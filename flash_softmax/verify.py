@@ -9,13 +9,19 @@ a rich table where rich is installed and plain text otherwise.
 
 The cases are data: :data:`QUICK_ATTENTION` / :data:`FULL_ATTENTION_*` and the softmax lists below. A
 case may need an option the kernels gain later (sliding window, softcap, bias, grouped heads, a value
-head dim != D); such a case runs only where :func:`attention_features` finds the feature, and the
-report says which were left out.
+head dim != D, sinks, ALiBi, dropout); such a case runs only where :func:`attention_features` finds the
+feature, and the report says which were left out.
+
+The score modifiers (:data:`MODIFIER_ATTENTION`) add gradients to check: ``dsinks`` for attention sinks
+and ``dbias`` for a float bias that requires grad; in cases whose loss also uses the lse, every gradient
+carries the lse's part too. A dropout case seeds torch's generators before each of the three runs, so the
+kernel and both references drop the same elements.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import itertools
 import math
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from flash_softmax import reference
+from flash_softmax.bench.attention import DROPOUT_P as BENCH_DROPOUT_P
 from flash_softmax.testing import GRADIENT_FACTOR, OUTPUT_FACTOR, Comparison, compare
 
 #: The functions under test, looked up at every call. None means the package's own function
@@ -65,6 +72,19 @@ class AttentionCase:
     window_size: tuple[int, int] = (-1, -1)
     softcap: float = 0.0
     bias: str | None = None  # "float" (added to the scores) or "bool" (True = keep), shape (B, 1, Sq, Sk)
+    bias_grad: bool = False  # the float bias requires grad: its gradient dbias (B, 1, Sq, Sk) is checked
+    sinks: bool = False  # a sink logit per query head, (Hq,) in the input dtype; its gradient dsinks is checked
+    alibi: str | None = None  # ALiBi slopes: "heads" of shape (Hq,), "batch" of shape (B, Hq)
+    dropout_p: float = 0.0
+    lse_loss: bool = False  # the loss is sum(out * dout) + sum(lse * dlse): gradients also flow through lse
+
+    def __post_init__(self):
+        if self.bias_grad and self.bias != "float":
+            raise ValueError(f"bias_grad: only a float bias has a gradient; the case has bias={self.bias!r}")
+        if self.alibi not in (None, "heads", "batch"):
+            raise ValueError(f"alibi: expected None, 'heads' or 'batch', got {self.alibi!r}")
+        if not 0.0 <= self.dropout_p < 1.0:
+            raise ValueError(f"dropout_p: expected a probability in [0, 1), got {self.dropout_p}")
 
     def requires(self) -> set[str]:
         """Features beyond plain (causal) attention this case needs from the kernel."""
@@ -79,6 +99,12 @@ class AttentionCase:
             needed.add("gqa")
         if self.head_dim_v is not None and self.head_dim_v != self.head_dim:
             needed.add("head_dim_v")
+        if self.sinks:
+            needed.add("sinks")
+        if self.alibi is not None:
+            needed.add("alibi_slopes")
+        if self.dropout_p > 0:
+            needed.add("dropout_p")
         return needed
 
     @property
@@ -93,7 +119,15 @@ class AttentionCase:
         if self.softcap > 0:
             parts.append(f"softcap={self.softcap:g}")
         if self.bias is not None:
-            parts.append(f"{self.bias} bias")
+            parts.append(f"{self.bias} bias" + (" with grad" if self.bias_grad else ""))
+        if self.sinks:
+            parts.append("sinks")
+        if self.alibi is not None:
+            parts.append("alibi (Hq,)" if self.alibi == "heads" else "alibi (B,Hq)")
+        if self.dropout_p > 0:
+            parts.append(f"dropout={self.dropout_p:g}")
+        if self.lse_loss:
+            parts.append("lse in loss")
         return " ".join(parts)
 
 
@@ -148,10 +182,36 @@ OPTION_ATTENTION = [
     AttentionCase(113, 203, 64, False, "bfloat16", head_dim_v=40),
 ]
 
+#: The score modifiers, each with something else: their gradients (dsinks, dbias) and the gradient through lse
+#: are checked too. Sq > Sk causal rows see no key: with sinks their output is 0 and their lse the sink.
+MODIFIER_ATTENTION = [
+    AttentionCase(65, 97, 64, True, "float16", heads=4, heads_kv=2, sinks=True),
+    AttentionCase(97, 65, 64, True, "bfloat16", sinks=True, lse_loss=True),
+    AttentionCase(113, 203, 40, False, "float32", window_size=(32, 8), softcap=2.0, sinks=True),
+    AttentionCase(113, 203, 40, True, "bfloat16", alibi="heads"),
+    AttentionCase(65, 97, 64, False, "float16", batch=2, heads=4, heads_kv=1, window_size=(16, 16), alibi="batch"),
+    AttentionCase(65, 203, 64, False, "float16", head_dim_v=40, dropout_p=0.17),
+    AttentionCase(97, 65, 64, True, "float32", sinks=True, alibi="heads", dropout_p=0.1),
+    AttentionCase(65, 97, 64, True, "bfloat16", heads=4, heads_kv=2, bias="float", bias_grad=True),
+    AttentionCase(113, 203, 40, False, "float32", window_size=(32, -1), softcap=2.0, bias="float", bias_grad=True),
+    AttentionCase(65, 97, 64, False, "float16", head_dim_v=96, lse_loss=True),
+    AttentionCase(203, 113, 64, True, "float16", bias="float", bias_grad=True, sinks=True, lse_loss=True),
+]
+
 #: The GPU grid: every length pair x head dim x causal x dtype.
 FULL_ATTENTION_LENGTHS = [(1, 1), (1, 239), (113, 203), (203, 113), (127, 513), (1023, 1023), (2048, 1000)]
 FULL_ATTENTION_HEAD_DIMS = [16, 40, 59, 64, 80, 96, 128, 256]
 ALL_DTYPES = ["float16", "bfloat16", "float32"]
+#: The GPU grid's score modifiers, each alone (as ``AttentionCase`` fields) at lengths of many tiles, where the
+#: blocks a mask skips and the split backward's partial sums come into play.
+FULL_MODIFIERS = [dict(sinks=True), dict(alibi="heads"), dict(alibi="batch", batch=2), dict(dropout_p=0.1),
+                  dict(bias="float", bias_grad=True), dict(lse_loss=True)]
+FULL_MODIFIER_LENGTHS = [(1023, 1023), (2048, 1000)]
+FULL_MODIFIER_HEAD_DIMS = [64, 128]
+
+#: ``--modifiers`` (shared with ``bench``) as ``AttentionCase`` fields: the modifier the benchmark times.
+SWEEP_MODIFIERS = {"sinks": dict(sinks=True), "alibi": dict(alibi="heads"), "dropout": dict(dropout_p=BENCH_DROPOUT_P),
+                   "bias": dict(bias="float", bias_grad=True)}
 
 
 def _softmax_cases(op: str, specs: Iterable[tuple]) -> list[SoftmaxCase]:
@@ -177,7 +237,12 @@ def full_grids() -> tuple[list[AttentionCase], list[SoftmaxCase]]:
         for (seqlen_q, seqlen_k), head_dim, causal, dtype in itertools.product(
             FULL_ATTENTION_LENGTHS, FULL_ATTENTION_HEAD_DIMS, (False, True), ALL_DTYPES)
     ]
-    attention += [replace(case, dtype=dtype) for case in OPTION_ATTENTION for dtype in ALL_DTYPES]
+    attention += [replace(case, dtype=dtype) for case in OPTION_ATTENTION + MODIFIER_ATTENTION for dtype in ALL_DTYPES]
+    attention += [
+        AttentionCase(seqlen_q, seqlen_k, head_dim, causal, dtype, **modifier)
+        for modifier, (seqlen_q, seqlen_k), head_dim, causal, dtype in itertools.product(
+            FULL_MODIFIERS, FULL_MODIFIER_LENGTHS, FULL_MODIFIER_HEAD_DIMS, (False, True), ALL_DTYPES)
+    ]
     softmax = [
         SoftmaxCase(op, shape, dim, dtype, masked)
         for op, (shape, dim), dtype, masked in itertools.product(
@@ -188,15 +253,18 @@ def full_grids() -> tuple[list[AttentionCase], list[SoftmaxCase]]:
 
 
 def sweep_grids(seqlens: list[int], head_dims: list[int], causal: list[bool], dtypes: list[str],
-                batch: int, heads: int) -> tuple[list[AttentionCase], list[SoftmaxCase]]:
-    """The benchmark's square shapes; softmax over rows of the same lengths.
+                batch: int, heads: int, modifiers: Iterable[str] = ()) -> tuple[list[AttentionCase], list[SoftmaxCase]]:
+    """The benchmark's square shapes, each plain and with each of ``modifiers`` (names of
+    :data:`SWEEP_MODIFIERS`, as ``bench --modifiers`` times them); softmax over rows of the same lengths.
 
     The float64 truth materialises ``batch * heads`` score matrices of ``seqlen**2`` doubles (and their
     gradients), so batch and heads default to small values here rather than the benchmark's token budget.
     """
+    variants = [{}, *(SWEEP_MODIFIERS[name] for name in dict.fromkeys(modifiers))]
     attention = [
-        AttentionCase(seqlen, seqlen, head_dim, is_causal, dtype, batch=batch, heads=heads)
-        for dtype, head_dim, is_causal, seqlen in itertools.product(dtypes, head_dims, causal, seqlens)
+        AttentionCase(seqlen, seqlen, head_dim, is_causal, dtype, batch=batch, heads=heads, **variant)
+        for dtype, head_dim, is_causal, seqlen, variant in itertools.product(dtypes, head_dims, causal, seqlens,
+                                                                             variants)
     ]
     softmax = [
         SoftmaxCase(op, (batch * heads, seqlen), -1, dtype)
@@ -207,7 +275,7 @@ def sweep_grids(seqlens: list[int], head_dims: list[int], causal: list[bool], dt
 
 # ------------------------------------------------------------------------------------------ features
 
-_KEYWORD_FEATURES = ("window_size", "softcap", "attn_bias")
+_KEYWORD_FEATURES = ("window_size", "softcap", "attn_bias", "sinks", "alibi_slopes", "dropout_p")
 
 
 def _accepts_keyword(function: Callable, name: str) -> bool:
@@ -283,23 +351,66 @@ def _attention_bias(case: AttentionCase, generator: torch.Generator, dtype: torc
     return (torch.rand(shape, generator=generator) < 0.8).to(device)
 
 
-def _attention_run(function: Callable, q, k, v, dout, options: dict, **extra):
-    """Output, lse and (dq, dk, dv) of ``function`` on fresh leaves made from q, k, v."""
-    leaves = [tensor.detach().clone().requires_grad_() for tensor in (q, k, v)]
-    out, lse = function(*leaves, return_lse=True, **options, **extra)
-    grads = torch.autograd.grad(out, leaves, dout)
-    return out.detach(), lse.detach(), grads
+def _sinks(case: AttentionCase, generator: torch.Generator, dtype: torch.dtype, device) -> torch.Tensor:
+    """(Hq,) sink logits in the input dtype (a model's parameter), around log(Sk): the sink then takes a share
+    of each row comparable with the keys', where a standard normal one would be lost beside a hundred keys."""
+    return _randn((case.heads,), generator, torch.float32, "cpu").add_(math.log(case.seqlen_k)).to(device, dtype)
+
+
+def _alibi_slopes(case: AttentionCase, generator: torch.Generator, device) -> torch.Tensor:
+    """float32 slopes in [0, 0.5): (Hq,) for ``alibi="heads"``, (B, Hq) for ``"batch"``; at the larger ones a
+    query hardly sees keys a few dozen positions away, at the smaller ones it sees them all."""
+    shape = (case.heads,) if case.alibi == "heads" else (case.batch, case.heads)
+    return (0.5 * torch.rand(shape, generator=generator)).to(device)
+
+
+#: The gradient's name of each differentiated input.
+_GRADIENT_NAMES = {"q": "dq", "k": "dk", "v": "dv", "attn_bias": "dbias", "sinks": "dsinks"}
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device, dropout_p: float):
+    """With dropout, torch's default generators seeded with ``seed`` (``torch.manual_seed``) for the block,
+    and the caller's random state given back after: the kernel and the references draw their dropout state
+    from the device's default generator, so each run then drops the same elements."""
+    if dropout_p == 0:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def _attention_run(function: Callable, leaves: dict[str, torch.Tensor], dout: torch.Tensor,
+                   dlse: torch.Tensor | None, options: dict, seed: int, **extra):
+    """Output, lse and the gradient of every leaf, by name (dq, dk, dv, and dbias / dsinks where
+    ``leaves`` has ``attn_bias`` / ``sinks``), of ``function`` on fresh copies of ``leaves``.
+
+    The loss is ``sum(out * dout)``, plus ``sum(lse * dlse)`` when ``dlse`` (B, Hq, Sq) is given. With dropout
+    the default generators are seeded with ``seed`` for the call (see :func:`_seeded`).
+    """
+    fresh = {name: tensor.detach().clone().requires_grad_() for name, tensor in leaves.items()}
+    q, k, v = fresh["q"], fresh["k"], fresh["v"]
+    keywords = {name: tensor for name, tensor in fresh.items() if name not in ("q", "k", "v")}
+    with _seeded(seed, q.device, options.get("dropout_p", 0.0)):
+        out, lse = function(q, k, v, return_lse=True, **options, **keywords, **extra)
+    outputs, cotangents = ((out, lse), (dout, dlse)) if dlse is not None else ((out,), (dout,))
+    grads = torch.autograd.grad(outputs, list(fresh.values()), cotangents)
+    return out.detach(), lse.detach(), {_GRADIENT_NAMES[name]: grad for name, grad in zip(fresh, grads)}
 
 
 def check_attention(case: AttentionCase, device: torch.device, seed: int) -> list[Comparison]:
-    """Run one attention case and compare out, lse, dq, dk, dv with the float64 truth."""
+    """Run one attention case and compare out, lse, dq, dk, dv (and dbias, dsinks where the case has a bias
+    that requires grad, sinks) with the float64 truth."""
     generator = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case.dtype)
     heads_kv = case.heads_kv or case.heads
     head_dim_v = case.head_dim_v or case.head_dim
-    q = _randn((case.batch, case.heads, case.seqlen_q, case.head_dim), generator, dtype, device)
-    k = _randn((case.batch, heads_kv, case.seqlen_k, case.head_dim), generator, dtype, device)
-    v = _randn((case.batch, heads_kv, case.seqlen_k, head_dim_v), generator, dtype, device)
+    leaves = {
+        "q": _randn((case.batch, case.heads, case.seqlen_q, case.head_dim), generator, dtype, device),
+        "k": _randn((case.batch, heads_kv, case.seqlen_k, case.head_dim), generator, dtype, device),
+        "v": _randn((case.batch, heads_kv, case.seqlen_k, head_dim_v), generator, dtype, device),
+    }
     dout = _randn((case.batch, case.heads, case.seqlen_q, head_dim_v), generator, dtype, device)
     options: dict[str, object] = {"causal": case.causal}
     if "window_size" in case.requires():
@@ -307,24 +418,38 @@ def check_attention(case: AttentionCase, device: torch.device, seed: int) -> lis
     if case.softcap > 0:
         options["softcap"] = case.softcap
     if case.bias is not None:
-        options["attn_bias"] = _attention_bias(case, generator, dtype, device)
+        bias = _attention_bias(case, generator, dtype, device)
+        if case.bias_grad:
+            leaves["attn_bias"] = bias
+        else:
+            options["attn_bias"] = bias
+    if case.sinks:
+        leaves["sinks"] = _sinks(case, generator, dtype, device)
+    if case.alibi is not None:
+        options["alibi_slopes"] = _alibi_slopes(case, generator, device)
+    if case.dropout_p > 0:
+        options["dropout_p"] = case.dropout_p
+    # lse is float32 whatever the input dtype, and so is its gradient.
+    dlse = _randn((case.batch, case.heads, case.seqlen_q), generator, torch.float32, device) if case.lse_loss else None
 
-    out, lse, grads = _attention_run(kernel("attention"), q, k, v, dout, options)
+    out, lse, grads = _attention_run(kernel("attention"), leaves, dout, dlse, options, seed)
     truth_out, truth_lse, truth_grads = _attention_run(
-        reference.attention, q.double(), k.double(), v.double(), dout.double(), options
+        reference.attention, {name: tensor.double() for name, tensor in leaves.items()}, dout.double(),
+        None if dlse is None else dlse.double(), options, seed,
     )
     if dtype == torch.float32:
         # float32 results are held to a relative bound against the truth; no low-precision reference needed.
-        lowp_out, lowp_lse, lowp_grads = None, None, (None, None, None)
+        lowp_out, lowp_lse, lowp_grads = None, None, dict.fromkeys(grads)
     else:
-        lowp_out, lowp_lse, lowp_grads = _attention_run(reference.attention, q, k, v, dout, options, upcast=False)
+        lowp_out, lowp_lse, lowp_grads = _attention_run(reference.attention, leaves, dout, dlse, options, seed,
+                                                        upcast=False)
 
     comparisons = [
         compare("out", out, truth_out, lowp_out, factor=OUTPUT_FACTOR),
         compare("lse", lse, truth_lse, lowp_lse, factor=OUTPUT_FACTOR),
     ]
-    for name, grad, truth_grad, lowp_grad in zip(("dq", "dk", "dv"), grads, truth_grads, lowp_grads):
-        comparisons.append(compare(name, grad, truth_grad, lowp_grad, factor=GRADIENT_FACTOR))
+    for name, grad in grads.items():
+        comparisons.append(compare(name, grad, truth_grads[name], lowp_grads[name], factor=GRADIENT_FACTOR))
     return comparisons
 
 
@@ -382,18 +507,18 @@ def select_cases(args: argparse.Namespace, on_gpu: bool) -> tuple[list, str]:
     if args.seqlens:
         attention, softmax = sweep_grids(
             args.seqlens, args.head_dims or [64, 128], args.causal or [False, True],
-            args.dtypes or ["bfloat16", "float16"], args.batch or 1, args.heads or 2,
+            args.dtypes or ["bfloat16", "float16"], args.batch or 1, args.heads or 2, args.modifiers or (),
         )
         description = "the benchmark's sweep shapes"
     else:
-        for flag, value in (("--batch", args.batch), ("--heads", args.heads)):
+        for flag, value in (("--batch", args.batch), ("--heads", args.heads), ("--modifiers", args.modifiers)):
             if value is not None:
                 raise ValueError(f"{flag} applies to the --seqlens sweep only; it was given {value} without --seqlens")
         grid = args.grid or ("full" if on_gpu else "quick")
         if grid == "full":
             attention, softmax = full_grids()
         else:
-            attention = QUICK_ATTENTION + OPTION_ATTENTION
+            attention = QUICK_ATTENTION + OPTION_ATTENTION + MODIFIER_ATTENTION
             softmax = QUICK_SOFTMAX
         attention = [
             case for case in attention

@@ -1,5 +1,6 @@
 """What ``flash-softmax bench`` shows: axis scales, which panels a figure has, the CPU banner, the columns
-each device gets, the plain-text table without rich and the message for a missing extra.
+each device gets, the score modifiers' rows and overhead column, the plain-text table without rich and the
+message for a missing extra.
 
 The figures are built from hand-made rows (no kernel runs), so every test here takes well under a second;
 tests/test_cli.py runs the whole command.
@@ -8,22 +9,28 @@ tests/test_cli.py runs the whole command.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
+import torch
 
 from flash_softmax import bench
 from flash_softmax.bench import attention as bench_attention
 from flash_softmax.bench import output
+from flash_softmax.bench import providers
 from flash_softmax.bench import softmax as bench_softmax
+from flash_softmax.bench.sweep import Measurement, Result
+from flash_softmax.bench.timing import Timing
 
 
 def attention_row(provider: str, mode: str, seqlen: int, ms: float | None, memory: float = math.nan,
-                  head_dim: int = 16, status: str = "ok") -> dict[str, object]:
+                  head_dim: int = 16, status: str = "ok", modifier: str = "none",
+                  overhead: float | None = None) -> dict[str, object]:
     """A CSV row of ``bench --op attention`` as the table and plots read it."""
     return {"provider": provider, "mode": mode, "causal": True, "dtype": "float16", "batch": 1, "heads": 2,
-            "seqlen_q": seqlen, "seqlen_k": seqlen, "head_dim": head_dim, "ms_median": ms, "ms_p20": ms,
-            "ms_p80": ms, "tflops": None if ms is None else 1.0 / ms, "peak_mem_mib": memory, "threads": 2,
-            "status": status}
+            "seqlen_q": seqlen, "seqlen_k": seqlen, "head_dim": head_dim, "modifier": modifier, "ms_median": ms,
+            "ms_p20": ms, "ms_p80": ms, "tflops": None if ms is None else 1.0 / ms, "peak_mem_mib": memory,
+            "overhead_vs_plain": overhead, "threads": 2, "status": status}
 
 
 def figure_of(records, metric: str, banner: str | None = None):
@@ -137,6 +144,90 @@ def test_speedup_only_on_a_gpu():
     columns, rows = bench.table_rows("attention", records, ["", "why"], on_gpu=True)
     assert columns[-2:] == [bench.SPEEDUP_COLUMN, "status"]
     assert [row[-2:] for row in rows] == [["-", "ok"], ["2x", "ok (why)"]]
+
+
+# ------------------------------------------------------------------------------------------ modifiers
+
+
+def result(provider: str, mode: str, modifier: str, ms: float | None, seqlen: int = 64) -> Result:
+    """A measured attention row (``ms`` None: it failed) as the sweep returns it."""
+    config = bench_attention.AttentionConfig(mode, True, "float16", 1, 2, seqlen, seqlen, 16, modifier=modifier)
+    measurement = Measurement("ok", Timing(ms, ms, ms)) if ms is not None else Measurement("error: RuntimeError")
+    return Result(provider, config, measurement)
+
+
+def test_overhead_is_the_time_over_the_same_providers_plain_time_in_each_mode():
+    results = [
+        result("flash_softmax", "fwd", "none", 2.0), result("naive", "fwd", "none", 1.0),
+        result("flash_softmax", "fwd", "sinks", 2.5), result("flash_softmax", "fwd", "dropout", 3.0),
+        result("flash_softmax", "bwd", "none", 4.0), result("flash_softmax", "bwd", "bias", 6.0),
+        result("flash_softmax", "fwd_bwd", "none", 6.0), result("flash_softmax", "fwd_bwd", "alibi", 6.6),
+        result("flash_softmax", "fwd", "alibi", 2.0, seqlen=128),  # no plain row of this length
+        result("flash_softmax", "fwd_bwd", "sinks", None),  # failed: nothing to compare
+        result("flash_softmax", "bwd", "none", None, seqlen=128), result("flash_softmax", "bwd", "sinks", 5.0, 128),
+    ]
+    assert bench_attention.overheads(results) == pytest.approx({2: 1.25, 3: 1.5, 5: 1.5, 7: 1.1})
+
+
+def test_the_table_shows_modifier_and_overhead_only_for_a_run_with_modifiers():
+    plain = [attention_row("flash_softmax", "fwd", 16, 2.0), attention_row("naive", "fwd", 16, 1.0)]
+    columns, _ = bench.table_rows("attention", plain, ["", ""], on_gpu=False)
+    assert "modifier" not in columns and "overhead" not in columns
+    assert bench.table_caption(plain, on_gpu=False) is None
+
+    records = [*plain, attention_row("flash_softmax", "fwd", 16, 3.0, modifier="bias", overhead=1.5)]
+    for on_gpu in (False, True):
+        columns, rows = bench.table_rows("attention", records, ["", "", ""], on_gpu=on_gpu)
+        tail = [*bench.MODIFIER_COLUMNS, *([bench.SPEEDUP_COLUMN] if on_gpu else []), "status"]
+        assert columns[-len(tail):] == tail
+        cells = [dict(zip(columns, row)) for row in rows]
+        assert [(cell["modifier"], cell["overhead"]) for cell in cells] == [("none", "-"), ("none", "-"),
+                                                                            ("bias", "1.5x")]
+        caption = bench.table_caption(records, on_gpu)
+        assert caption.startswith(bench.OVERHEAD_CAPTION) and (bench.SPEEDUP_CAPTION in caption) == on_gpu
+
+
+def test_each_modifier_is_a_line_of_its_own_in_the_plots():
+    records = [attention_row("flash_softmax", "fwd", seqlen, ms, modifier=modifier)
+               for modifier, ms in (("none", 1.0), ("sinks", 1.2), ("dropout", 1.5)) for seqlen in (16, 32)]
+    figure = figure_of(bench.plot_records(records), "ms_median")
+    (ax,) = visible_axes(figure)
+    assert [line.get_label() for line in ax.get_lines()] == ["flash_softmax", "flash_softmax +sinks",
+                                                             "flash_softmax +dropout"]
+    assert all(len(line.get_xdata()) == 2 for line in ax.get_lines())
+
+
+def test_the_attention_csv_columns_include_modifier_and_overhead():
+    columns = bench.csv_columns(bench_attention.CSV_COLUMNS, on_gpu=True)
+    assert columns.index("modifier") == columns.index("head_dim") + 1
+    assert columns[-5:] == ("peak_mem_mib", "overhead_vs_plain", "fs_speedup", "threads", "status")
+
+
+@pytest.mark.parametrize("mode", bench_attention.MODES)
+def test_modifier_inputs_are_what_the_readme_says(mode):
+    config = bench_attention.AttentionConfig(mode, True, "bfloat16", 2, 4, 24, 24, 16)
+    q = torch.zeros(2, 4, 24, 16, dtype=torch.bfloat16)
+    requires_grad = mode != "fwd"
+    assert bench_attention.modifier_inputs(config, q, requires_grad) == {}
+    sinks = bench_attention.modifier_inputs(replace(config, modifier="sinks"), q, requires_grad)["sinks"]
+    assert (sinks.shape, sinks.dtype, sinks.requires_grad) == ((4,), torch.bfloat16, requires_grad)
+    slopes = bench_attention.modifier_inputs(replace(config, modifier="alibi"), q, requires_grad)["alibi_slopes"]
+    assert slopes.dtype == torch.float32 and slopes.tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8]
+    assert bench_attention.modifier_inputs(replace(config, modifier="dropout"), q, requires_grad) == {
+        "dropout_p": bench_attention.DROPOUT_P}
+    bias = bench_attention.modifier_inputs(replace(config, modifier="bias"), q, requires_grad)["attn_bias"]
+    assert (bias.shape, bias.dtype, bias.requires_grad) == ((2, 1, 24, 24), torch.bfloat16, requires_grad)
+    with pytest.raises(ValueError, match="modifier: expected 'none' or one of sinks, alibi, dropout, bias, got 'x'"):
+        bench_attention.modifier_inputs(replace(config, modifier="x"), q, requires_grad)
+
+
+def test_only_flash_softmax_runs_the_modifiers():
+    plain = bench_attention.AttentionConfig("fwd", True, "float16", 1, 2, 16, 16, 16)
+    sinks = replace(plain, modifier="sinks")
+    takers = [name for name, provider in providers.ATTENTION_PROVIDERS.items() if bench_attention.runs(sinks, provider)]
+    assert takers == ["flash_softmax"]
+    assert all(bench_attention.runs(plain, provider) for provider in providers.ATTENTION_PROVIDERS.values())
+    assert sinks.flops() == plain.flops()  # TFLOP/s of a modifier row counts the plain matmul work
 
 
 # ------------------------------------------------------------------------------------------ terminal

@@ -20,16 +20,19 @@ import torch
 
 from flash_softmax import bench, cli, reference, verify
 from flash_softmax.bench import attention as bench_attention
-from flash_softmax.bench import providers
+from flash_softmax.bench import providers, sweep
 from flash_softmax.bench.timing import time_cpu
 from flash_softmax.info import device_slug
+
+from conftest import DEVICE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ON_GPU = torch.cuda.is_available()
 # On a GPU each row also compares the provider with flash_softmax; without one there is no speed to compare.
 SPEEDUP = ["fs_speedup"] if ON_GPU else []
 ATTENTION_COLUMNS = ["provider", "mode", "causal", "dtype", "batch", "heads", "seqlen_q", "seqlen_k", "head_dim",
-                     "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", *SPEEDUP, "threads", "status"]
+                     "modifier", "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", "overhead_vs_plain",
+                     *SPEEDUP, "threads", "status"]
 SOFTMAX_COLUMNS = ["provider", "mode", "dtype", "rows", "cols", "ms_median", "ms_p20", "ms_p80", "gbps", *SPEEDUP,
                    "threads", "status"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -48,9 +51,9 @@ def test_parser_reads_every_flag():
     args = cli.build_parser().parse_args(
         ["bench", "--op", "attention", "--seqlens", "64", "128", "--head-dims", "32", "--causal", "false", "on",
          "--modes", "fwd", "fwd_bwd", "--dtypes", "float16", "--providers", "naive", "--batch", "3", "--heads", "4",
-         "--out", "somewhere"]
+         "--out", "somewhere", "--modifiers", "sinks", "dropout"]
     )
-    assert args.command == "bench" and args.op == "attention"
+    assert args.command == "bench" and args.op == "attention" and args.modifiers == ["sinks", "dropout"]
     assert args.seqlens == [64, 128] and args.head_dims == [32] and args.causal == [False, True]
     assert args.modes == ["fwd", "fwd_bwd"] and args.dtypes == ["float16"] and args.providers == ["naive"]
     assert (args.batch, args.heads, args.out, args.plots) == (3, 4, "somewhere", True)
@@ -80,6 +83,8 @@ def test_tune_and_compile_report_name_the_kernels_alike():
         (["bench", "--threads", "0"], "--threads", "positive integer"),
         (["bench", "--window", "-2"], "--window", "integer >= 0"),
         (["compile-report", "--kernels", "attention_forward"], "--kernels", "invalid choice"),
+        (["bench", "--modifiers", "softcap"], "--modifiers", "invalid choice"),
+        (["verify", "--modifiers", "lse"], "--modifiers", "invalid choice"),
     ],
 )
 def test_parser_rejects_bad_values_naming_the_flag(argv, flag, expected, capsys):
@@ -98,6 +103,12 @@ def test_parser_rejects_bad_values_naming_the_flag(argv, flag, expected, capsys)
         (["bench", "--providers", "nonexistent"], "--providers: unknown 'nonexistent'"),
         (["verify", "--batch", "2"], "--batch applies to the --seqlens sweep only"),
         (["verify", "--ops", "attention", "--head-dims", "7"], "leave no case to run"),
+        (["verify", "--modifiers", "sinks"], "--modifiers applies to the --seqlens sweep only"),
+        (["bench", "--op", "softmax", "--modifiers", "alibi"], "--modifiers does not apply to --op softmax"),
+        (["bench", "--host-overhead", "--modifiers", "dropout"], "--modifiers does not apply to --host-overhead"),
+        (["bench", "--modifiers", "sinks", "--providers", "naive", "sdpa_math"],
+         "--modifiers sinks: modifiers are timed on flash_softmax only, which --providers leaves out (given: naive, "
+         "sdpa_math)"),
     ],
 )
 def test_semantic_errors_exit_2_with_an_actionable_message(argv, message, capsys):
@@ -284,6 +295,36 @@ def test_bench_with_grouped_heads_and_a_window(tmp_path):
     assert "--gqa 2 --window 8" in json.loads((out / "env.json").read_text())["command"]
 
 
+def test_bench_times_each_modifier_on_flash_softmax_with_its_overhead(monkeypatch, tmp_path, capsys):
+    """One row per modifier for flash_softmax only (forward and backward with the sinks' and the bias's
+    gradients), its overhead the ratio to the plain row; tests/test_bench_output.py covers every mode."""
+    if not ON_GPU:  # three timed calls per row instead of 0.2 s' worth: the interpreter takes tenths of a second a call
+        monkeypatch.setattr(sweep, "measure_time",
+                            lambda call, device: time_cpu(call, min_repetitions=3, min_seconds=0))
+    out = tmp_path / "modifiers"
+    status = cli.main(["bench", "--seqlens", "16", "--head-dims", "16", "--causal", "true", "--modes", "fwd_bwd",
+                       "--providers", "flash_softmax", "naive", "--modifiers", "sinks", "alibi", "dropout", "bias",
+                       "--threads", "1", "--out", str(out), "--no-plots"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    columns, rows = read_csv(out / "attention.csv")
+    assert columns == ATTENTION_COLUMNS
+    assert [(row["provider"], row["modifier"]) for row in rows] == [
+        ("flash_softmax", "none"), ("naive", "none"), ("flash_softmax", "sinks"), ("flash_softmax", "alibi"),
+        ("flash_softmax", "dropout"), ("flash_softmax", "bias")]
+    plain_ms = float(rows[0]["ms_median"])
+    for row in rows:
+        assert row["status"] == "ok", row
+        if row["modifier"] == "none":
+            assert row["overhead_vs_plain"] == ""
+        else:
+            overhead = float(row["overhead_vs_plain"])
+            assert overhead == pytest.approx(float(row["ms_median"]) / plain_ms, rel=1e-9)
+            # The same kernels with one thing more, in the same interpreter: neither free nor of another order.
+            assert 0.2 < overhead < 20, row
+    assert bench.OVERHEAD_CAPTION in " ".join(printed.split())
+
+
 def test_bench_rejects_a_group_size_that_does_not_divide_the_heads(tmp_path, capsys):
     status = cli.main(["bench", "--seqlens", "16", "--head-dims", "16", "--heads", "4", "--gqa", "3",
                        "--out", str(tmp_path), "--no-plots"])
@@ -382,17 +423,18 @@ def test_verify_runs_option_cases_only_where_the_kernel_has_the_feature():
             raise ValueError("k: expected the heads and head dim of q")
         return reference.attention(q, k, v, causal=causal, return_lse=return_lse)
 
-    def with_options(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, attn_bias=None,
-                     return_lse=False):
+    def with_options(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, attn_bias=None, sinks=None,
+                     alibi_slopes=None, dropout_p=0.0, return_lse=False):
         return reference.attention(q, k, v, causal=causal, window_size=window_size, softcap=softcap,
-                                   attn_bias=attn_bias, return_lse=return_lse)
+                                   attn_bias=attn_bias, sinks=sinks, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                   return_lse=return_lse)
 
+    every_feature = {"window_size", "softcap", "attn_bias", "gqa", "head_dim_v", "sinks", "alibi_slopes", "dropout_p"}
     device = torch.device("cpu")
     assert verify.attention_features(plain, device) == set()
-    assert verify.attention_features(with_options, device) == {"window_size", "softcap", "attn_bias", "gqa",
-                                                               "head_dim_v"}
-    needed = set().union(*(case.requires() for case in verify.OPTION_ATTENTION))
-    assert needed == {"window_size", "softcap", "attn_bias", "gqa", "head_dim_v"}
+    assert verify.attention_features(with_options, device) == every_feature
+    needed = set().union(*(case.requires() for case in verify.OPTION_ATTENTION + verify.MODIFIER_ATTENTION))
+    assert needed == every_feature
 
 
 def test_verify_option_cases_pass_with_a_kernel_that_has_every_feature(monkeypatch):
@@ -400,12 +442,164 @@ def test_verify_option_cases_pass_with_a_kernel_that_has_every_feature(monkeypat
         return reference.attention(q, k, v, **options)
 
     device = torch.device("cpu")
-    for case in verify.OPTION_ATTENTION:
-        if case.bias is None and case.softcap == 0:
+    for case in verify.OPTION_ATTENTION + verify.MODIFIER_ATTENTION:
+        if case in verify.OPTION_ATTENTION and case.bias is None and case.softcap == 0:
             continue  # one window/GQA/Dv case each is covered by the kernels' own tests; keep this fast
         monkeypatch.setitem(verify.KERNELS, "attention", with_options)
         result = verify.run_case(case, device, seed=0)
         assert result.passed, (case.label, result.error, [str(c) for c in result.comparisons])
+
+
+# The score modifiers: sinks, ALiBi, dropout, a float bias's gradient and the gradient through lse.
+
+MODIFIER_SWEEP = [*TINY_VERIFY, "--ops", "attention", "--modifiers", "sinks", "alibi", "dropout", "bias"]
+
+
+def _modifier_case(**fields) -> verify.AttentionCase:
+    """The first case of the quick grid's modifier cases with these field values."""
+    return next(case for case in verify.MODIFIER_ATTENTION
+                if all(getattr(case, name) == value for name, value in fields.items()))
+
+
+def _only_attention_cases(monkeypatch, cases: list) -> None:
+    """Make the quick grid's attention exactly ``cases``."""
+    monkeypatch.setattr(verify, "QUICK_ATTENTION", [])
+    monkeypatch.setattr(verify, "OPTION_ATTENTION", [])
+    monkeypatch.setattr(verify, "MODIFIER_ATTENTION", cases)
+
+
+def test_verify_quick_and_full_grids_cover_the_modifiers_with_the_options():
+    quick, _ = verify.select_cases(cli.build_parser().parse_args(["verify", "--quick"]), on_gpu=False)
+    modified = [case for case in quick if isinstance(case, verify.AttentionCase) and (
+        case.sinks or case.alibi or case.dropout_p or case.bias_grad or case.lse_loss)]
+    assert modified == verify.MODIFIER_ATTENTION
+    assert {case.alibi for case in modified} == {None, "heads", "batch"}
+    assert any(case.sinks and case.lse_loss and case.bias_grad for case in modified)  # both extra gradients at once
+    assert any(case.seqlen_q > case.seqlen_k and case.causal and case.sinks for case in modified)  # rows without keys
+    assert {"window_size", "softcap", "gqa", "head_dim_v"} <= set().union(*(case.requires() for case in modified))
+    assert {case.dtype for case in modified} == {"float16", "bfloat16", "float32"}
+
+    full, _ = verify.full_grids()
+    large = [case for case in full if case.seqlen_q >= 1023]
+    for fields in verify.FULL_MODIFIERS:
+        matching = [case for case in large if all(getattr(case, name) == value for name, value in fields.items())]
+        assert {case.dtype for case in matching} == set(verify.ALL_DTYPES) and {c.causal for c in matching} == {
+            False, True}, fields
+
+
+def test_verify_checks_and_shows_the_modifier_gradients(monkeypatch, capsys):
+    """Every quick modifier case through the command, the reference as the kernel (the harness, fast): the
+    table names dsinks and dbias where a case has them, as it names dq."""
+    _only_attention_cases(monkeypatch, verify.MODIFIER_ATTENTION)
+    monkeypatch.setitem(verify.KERNELS, "attention", reference.attention)
+    assert cli.main(["verify", "--quick", "--ops", "attention"]) == 0
+    output = capsys.readouterr().out
+    count = len(verify.MODIFIER_ATTENTION)
+    assert f"{count}/{count} cases passed" in output
+    lines = output.splitlines()
+    for case in verify.MODIFIER_ATTENTION:
+        row = next(line for line in lines if case.label in line)
+        names = {"out", "lse", "dq", "dk", "dv"} | ({"dsinks"} if case.sinks else set())
+        assert names | ({"dbias"} if case.bias_grad else set()) <= set(row.replace("│", " ").split()), row
+        assert ("dsinks" in row) == case.sinks and ("dbias" in row) == case.bias_grad
+
+
+def test_verify_passes_the_benchmark_modifiers_with_the_real_kernels(capsys):
+    assert cli.main(MODIFIER_SWEEP) == 0
+    output = capsys.readouterr().out
+    assert "5/5 cases passed" in output and "FAIL" not in output
+    for words in ("sinks", "alibi (Hq,)", "dropout=0.1", "float bias with grad", "dsinks", "dbias"):
+        assert words in output
+
+
+@pytest.mark.parametrize("fields", [dict(alibi="batch"), dict(lse_loss=True, bias_grad=True, sinks=True)],
+                         ids=["alibi-per-batch", "lse-loss-bias-sinks"])
+def test_verify_passes_the_quick_modifier_cases_beyond_the_sweep_with_the_real_kernels(fields):
+    case = _modifier_case(**fields)
+    result = verify.run_case(case, torch.device(DEVICE), seed=0)
+    assert result.passed, (case.label, result.error, [str(c) for c in result.comparisons])
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """The identity whose backward multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _doubled_gradient_of(keyword: str):
+    """A backward bug: the reference, with the gradient of its input ``keyword`` (sinks, attn_bias) doubled."""
+
+    def attention(q, k, v, **options):
+        if options.get(keyword) is not None:
+            options[keyword] = _ScaledGradient.apply(options[keyword], 2.0)
+        return reference.attention(q, k, v, **options)
+
+    return attention
+
+
+def _alibi_of_batch_0(q, k, v, alibi_slopes=None, **options):
+    """(B, Hq) slopes read as (Hq,): every batch gets batch 0's."""
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        alibi_slopes = alibi_slopes[0]
+    return reference.attention(q, k, v, alibi_slopes=alibi_slopes, **options)
+
+
+def _dropout_with_its_own_state(q, k, v, **options):
+    """Dropout keyed by a fixed seed instead of the one drawn from torch's generator."""
+    return reference.attention(q, k, v, rng_state=torch.tensor([7, 0]), **options)
+
+
+def _lse_without_gradient(q, k, v, **options):
+    """An lse whose backward is dropped: a loss on it reaches nothing."""
+    out, lse = reference.attention(q, k, v, **options)
+    return out, _ScaledGradient.apply(lse, 0.0)
+
+
+@pytest.mark.parametrize(
+    "wrong,fields,expected",
+    [
+        (_doubled_gradient_of("sinks"), dict(sinks=True), "dsinks: FAIL"),
+        (_doubled_gradient_of("attn_bias"), dict(bias_grad=True), "dbias: FAIL"),
+        (_alibi_of_batch_0, dict(alibi="batch"), "out: FAIL"),
+        (_dropout_with_its_own_state, dict(dropout_p=0.17), "out: FAIL"),
+        (_lse_without_gradient, dict(lse_loss=True), "dq: FAIL"),
+    ],
+    ids=["dsinks", "dbias", "alibi-per-batch", "dropout-state", "lse-gradient"],
+)
+def test_verify_exits_1_when_a_modifier_is_wrong(monkeypatch, capsys, wrong, fields, expected):
+    case = _modifier_case(**fields)
+    _only_attention_cases(monkeypatch, [case])
+    monkeypatch.setitem(verify.KERNELS, "attention", wrong)
+    assert cli.main(["verify", "--quick", "--ops", "attention"]) == 1
+    output = capsys.readouterr().out
+    assert f"{case.label}: {expected}" in output and "FAILED" in output
+
+
+def test_verify_dropout_leaves_the_callers_random_state_alone(monkeypatch):
+    monkeypatch.setitem(verify.KERNELS, "attention", reference.attention)
+    state = torch.get_rng_state()
+    assert verify.run_case(_modifier_case(dropout_p=0.17), torch.device("cpu"), seed=3).passed
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_modifier_cases_reject_contradictory_fields():
+    with pytest.raises(ValueError, match="bias_grad: only a float bias has a gradient; the case has bias='bool'"):
+        verify.AttentionCase(8, 8, 16, False, "float16", bias="bool", bias_grad=True)
+    with pytest.raises(ValueError, match="alibi: expected None, 'heads' or 'batch', got 'rows'"):
+        verify.AttentionCase(8, 8, 16, False, "float16", alibi="rows")
+    with pytest.raises(ValueError, match=r"dropout_p: expected a probability in \[0, 1\), got 1.0"):
+        verify.AttentionCase(8, 8, 16, False, "float16", dropout_p=1.0)
+
+
+def test_modifier_names_agree_between_the_command_line_bench_and_verify():
+    assert cli.MODIFIER_NAMES == bench_attention.MODIFIERS == tuple(verify.SWEEP_MODIFIERS)
 
 
 def test_sweep_grid_follows_the_benchmark_shapes():
@@ -413,6 +607,10 @@ def test_sweep_grid_follows_the_benchmark_shapes():
     assert len(attention) == 2 * 2 * 2
     assert {(case.seqlen_q, case.seqlen_k) for case in attention} == {(512, 512), (1024, 1024)}
     assert {case.shape for case in softmax} == {(2, 512), (2, 1024)}
+
+    attention, _ = verify.sweep_grids([512], [64], [True], ["bfloat16"], 1, 2, ["dropout", "sinks", "dropout"])
+    assert [(case.dropout_p, case.sinks) for case in attention] == [
+        (0.0, False), (bench_attention.DROPOUT_P, False), (0.0, True)]  # plain, then each modifier once
 
 
 # ------------------------------------------------------------------------------------- info, entry

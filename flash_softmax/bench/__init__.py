@@ -6,8 +6,9 @@ The sweep itself lives in :mod:`~flash_softmax.bench.attention` and :mod:`~flash
 failures), and :mod:`~flash_softmax.bench.output` (table, CSV, ``env.json``, plots).
 :mod:`~flash_softmax.bench.host_overhead` (``--host-overhead``) times the Python work of one attention call
 with the kernel launches removed instead. This module ties them to the command line, pins torch's thread
-count for the run, and, without a GPU, marks every table and figure as no speed claim and leaves the
-speed-up comparison out. It needs the ``bench`` extra (rich and matplotlib).
+count for the run, adds each attention modifier row's overhead over plain attention (``--modifiers``), and,
+without a GPU, marks every table and figure as no speed claim and leaves the speed-up comparison out. It
+needs the ``bench`` extra (rich and matplotlib).
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ from flash_softmax.info import device_name, device_slug, environment
 
 #: Flags that only make sense for one op; giving them to the other is an error rather than ignored.
 _ATTENTION_ONLY_FLAGS = {"seqlens": "--seqlens", "head_dims": "--head-dims", "causal": "--causal",
-                         "batch": "--batch", "heads": "--heads", "gqa": "--gqa", "window": "--window"}
+                         "batch": "--batch", "heads": "--heads", "gqa": "--gqa", "window": "--window",
+                         "modifiers": "--modifiers"}
 _SOFTMAX_ONLY_FLAGS = {"cols": "--cols", "rows": "--rows"}
 
 #: The column of the printed table (and, on a GPU, of the CSV) that compares each provider with ours.
 SPEEDUP_COLUMN = "fs speed-up"
 SPEEDUP_CAPTION = "fs speed-up: this provider's time over flash_softmax's (>1: flash_softmax is faster)"
+#: The columns of the printed attention table for a run with ``--modifiers``, and what the second means.
+MODIFIER_COLUMNS = ["modifier", "overhead"]
+OVERHEAD_CAPTION = "overhead: this row's time over the same provider's plain time (same shape, mode and dtype)"
 
 
 def default_output_dir() -> Path:
@@ -117,24 +122,49 @@ def csv_columns(columns: tuple[str, ...], on_gpu: bool) -> tuple[str, ...]:
     return (*columns[:where], "fs_speedup", *columns[where:])
 
 
+def _ratio_cell(value: float | None) -> str:
+    return "-" if value is None else f"{output.format_number(value)}x"
+
+
+def has_modifiers(records: list[dict[str, object]]) -> bool:
+    """Whether any row times a score modifier (attention with ``--modifiers``)."""
+    return any(record.get("modifier", "none") != "none" for record in records)
+
+
 def table_rows(op: str, records: list[dict[str, object]], details: list[str], on_gpu: bool) -> tuple[list, list]:
-    """The printed table's columns and rows: the op's cells, the speed-up on a GPU, and the status with
-    its detail."""
+    """The printed table's columns and rows: the op's cells, the modifier and its overhead when the run has
+    modifiers, the speed-up on a GPU, and the status with its detail."""
     spec = _OPS[op]
-    columns = [*spec["columns"], *([SPEEDUP_COLUMN] if on_gpu else []), "status"]
+    modifiers = has_modifiers(records)
+    columns = [*spec["columns"], *(MODIFIER_COLUMNS if modifiers else []), *([SPEEDUP_COLUMN] if on_gpu else []),
+               "status"]
     rows = []
     for record, detail in zip(records, details):
-        speedup = record.get("fs_speedup")
-        speedup_cells = ["-" if speedup is None else f"{output.format_number(speedup)}x"] if on_gpu else []
+        modifier_cells = [record["modifier"], _ratio_cell(record["overhead_vs_plain"])] if modifiers else []
+        speedup_cells = [_ratio_cell(record.get("fs_speedup"))] if on_gpu else []
         status = record["status"] + (f" ({detail})" if detail else "")
-        rows.append([*spec["cells"](record), *speedup_cells, status])
+        rows.append([*spec["cells"](record), *modifier_cells, *speedup_cells, status])
     return columns, rows
+
+
+def table_caption(records: list[dict[str, object]], on_gpu: bool) -> str | None:
+    """What the table's ratio columns mean, for those it has."""
+    lines = [*([OVERHEAD_CAPTION] if has_modifiers(records) else []), *([SPEEDUP_CAPTION] if on_gpu else [])]
+    return "\n".join(lines) or None
+
+
+def plot_records(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The rows as the plots draw them: a modifier's rows under a provider name of their own, e.g.
+    ``flash_softmax +sinks``, so that they make a line beside the plain one instead of joining it."""
+    return [record if record.get("modifier", "none") == "none"
+            else {**record, "provider": f"{record['provider']} +{record['modifier']}"} for record in records]
 
 
 def _write_plots(op: str, records: list[dict[str, object]], out_dir: Path, banner: str | None) -> tuple[list, list]:
     """Per dtype: time per call and TFLOP/s (attention) or GB/s (softmax) against the length, and peak
     memory where it was measured. Returns the files written and a line for each figure left out."""
     device = device_name() if torch.cuda.is_available() else "CPU"
+    records = plot_records(records)
     written, left_out = [], []
     for dtype in dict.fromkeys(record["dtype"] for record in records):
         subset = [record for record in records if record["dtype"] == dtype]
@@ -166,7 +196,7 @@ def _write_plots(op: str, records: list[dict[str, object]], out_dir: Path, banne
 
 #: Sweep flags that mean nothing to ``--host-overhead`` (which times one fixed attention call per case).
 _NOT_HOST_OVERHEAD_FLAGS = {"providers": "--providers", "gqa": "--gqa", "window": "--window", "cols": "--cols",
-                            "rows": "--rows"}
+                            "rows": "--rows", "modifiers": "--modifiers"}
 
 
 def _run_host_overhead(args: argparse.Namespace, on_gpu: bool, threads: int) -> int:
@@ -212,22 +242,30 @@ def _run_sweep(args: argparse.Namespace, on_gpu: bool, command_line: str, thread
     spec = _OPS[args.op]
     module = spec["module"]
     selected = providers.select(spec["registry"](), args.providers, on_gpu)
+    if args.modifiers and not any(provider.takes_modifiers for provider in selected):
+        takers = [provider.name for provider in spec["registry"]().values() if provider.takes_modifiers]
+        raise ValueError(f"--modifiers {' '.join(args.modifiers)}: modifiers are timed on {', '.join(takers)} only, "
+                         f"which --providers leaves out (given: {', '.join(provider.name for provider in selected)})")
     configs = module.configurations(module.resolve_sweep(args, on_gpu))
+    measured = sum(module.runs(config, provider) for config in configs for provider in selected)
     device = torch.device("cuda" if on_gpu else "cpu")
     out_dir = Path(args.out) if args.out else default_output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     banner = None if on_gpu else cpu_banner()
 
     console = output.make_console()
-    console.print(f"bench {args.op}: {len(configs)} configurations x {len(selected)} providers on {device_name()}, "
-                  f"{threads} torch threads", markup=False)
-    with output.progress(console, args.op, len(configs) * len(selected)) as step:
+    console.print(f"bench {args.op}: {len(configs)} configurations x {len(selected)} providers "
+                  f"({measured} measurements) on {device_name()}, {threads} torch threads", markup=False)
+    with output.progress(console, args.op, measured) as step:
         results: list[Result] = run_sweep(
             module, configs, selected, device,
             on_result=lambda result: step(f"{args.op} {result.provider} {result.config.mode}"),
         )
 
     records = [module.record(result, threads) for result in results]
+    if args.op == "attention":
+        for index, overhead in attention.overheads(results).items():
+            records[index]["overhead_vs_plain"] = overhead
     if on_gpu:
         ratio = speedups(results)
         for index, record in enumerate(records):
@@ -236,7 +274,7 @@ def _run_sweep(args: argparse.Namespace, on_gpu: bool, command_line: str, thread
     if banner is not None:
         console.print(banner, style="bold red", markup=False)  # right above the table it is about
     output.print_table(console, f"{args.op} on {device_name()}", columns, rows,
-                       caption=SPEEDUP_CAPTION if on_gpu else None)
+                       caption=table_caption(records, on_gpu))
 
     environment_record = {**environment(command_line), "threads": threads}
     if banner is not None:

@@ -7,12 +7,19 @@ head G query heads; ``--window W`` limits each query to a band of W keys on each
 when causal), so the cost grows as O(S * W) instead of O(S^2). Both apply to the whole run and are
 recorded in env.json's command line; the CSV keeps its fixed columns. Every row also records the torch
 thread count the run was pinned to (``--threads``).
+
+``--modifiers`` adds, for every configuration, one per score modifier (:data:`MODIFIERS`), timed on the
+providers that take them (flash_softmax: the others lack sinks and in-kernel dropout, or would time a
+materialised bias instead), on the plain configuration's q, k, v. Its row's ``overhead_vs_plain`` is its
+time over the same provider's plain time (same shape, mode and dtype); the FLOP count, hence TFLOP/s, is
+the plain one's. In ``bwd`` and ``fwd_bwd`` the sinks and the bias require grad, so their gradients are
+part of what is timed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -30,8 +37,14 @@ GPU_DEFAULTS = {"seqlens": [512, 1024, 2048, 4096, 8192, 16384], "head_dims": [6
 # The interpreter runs every program of a kernel one after another in numpy: keep it tiny.
 CPU_DEFAULTS = {"seqlens": [64, 128], "head_dims": [32], "dtypes": ["float16"], "batch": 1, "heads": 2}
 
+#: The score modifiers of ``--modifiers``: what each adds to the call is in :func:`modifier_inputs`.
+MODIFIERS = ("sinks", "alibi", "dropout", "bias")
+#: The dropout probability of the ``dropout`` modifier.
+DROPOUT_P = 0.1
+
 CSV_COLUMNS = ("provider", "mode", "causal", "dtype", "batch", "heads", "seqlen_q", "seqlen_k", "head_dim",
-               "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", "threads", "status")
+               "modifier", "ms_median", "ms_p20", "ms_p80", "tflops", "peak_mem_mib", "overhead_vs_plain", "threads",
+               "status")
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ class AttentionConfig:
     head_dim: int
     group_size: int = 1  # query heads per K/V head
     window: int = -1  # keys on each side of the diagonal (left only when causal); -1 = unbounded
+    modifier: str = "none"  # one of MODIFIERS, or "none" for plain attention
 
     @property
     def kv_heads(self) -> int:
@@ -82,8 +96,24 @@ def record(result: Result, threads: int) -> dict[str, object]:
     config, timing = result.config, result.measurement.timing
     configuration = {name: value for name, value in asdict(config).items() if name in CSV_COLUMNS}
     throughput = config.flops() / (timing.median * 1e-3) / 1e12 if timing else None
+    # overhead_vs_plain needs the plain row too: see overheads().
     return {**common_fields(result, threads), **configuration, "tflops": throughput,
-            "peak_mem_mib": result.measurement.peak_mem_mib}
+            "peak_mem_mib": result.measurement.peak_mem_mib, "overhead_vs_plain": None}
+
+
+def overheads(results: Sequence[Result]) -> dict[int, float]:
+    """For each modifier row measured ``ok`` (by index): its median time over the same provider's on the plain
+    configuration (same shape, mode and dtype), where that was measured ``ok`` too."""
+    plain_ms = {
+        (result.provider, result.config): result.measurement.timing.median
+        for result in results if result.config.modifier == "none" and result.measurement.ok
+    }
+    ratios = {}
+    for index, result in enumerate(results):
+        plain = (result.provider, replace(result.config, modifier="none"))
+        if result.config.modifier != "none" and result.measurement.ok and plain in plain_ms:
+            ratios[index] = result.measurement.timing.median / plain_ms[plain]
+    return ratios
 
 
 def resolve_sweep(args, on_gpu: bool) -> dict[str, object]:
@@ -99,11 +129,13 @@ def resolve_sweep(args, on_gpu: bool) -> dict[str, object]:
         "heads": args.heads or defaults["heads"],
         "group_size": args.gqa or 1,
         "window": -1 if args.window is None else args.window,
+        "modifiers": list(dict.fromkeys(args.modifiers or ())),
     }
 
 
 def configurations(sweep: dict[str, object]) -> list[AttentionConfig]:
-    """Every configuration of the sweep, grouped so that those sharing inputs are adjacent."""
+    """Every configuration of the sweep, grouped so that those sharing inputs are adjacent: per mode the plain
+    one, then one per modifier."""
     configs = []
     for dtype in sweep["dtypes"]:
         for head_dim in sweep["head_dims"]:
@@ -115,8 +147,9 @@ def configurations(sweep: dict[str, object]) -> list[AttentionConfig]:
                         raise ValueError(f"--gqa {sweep['group_size']} must divide the number of heads, "
                                          f"{heads} at head dim {head_dim}")
                     for mode in sweep["modes"]:
-                        configs.append(AttentionConfig(mode, causal, dtype, batch, heads, seqlen, seqlen, head_dim,
-                                                       sweep["group_size"], sweep["window"]))
+                        for modifier in ("none", *sweep["modifiers"]):
+                            configs.append(AttentionConfig(mode, causal, dtype, batch, heads, seqlen, seqlen,
+                                                           head_dim, sweep["group_size"], sweep["window"], modifier))
     return configs
 
 
@@ -133,22 +166,58 @@ def make_inputs(config: AttentionConfig, device: torch.device, seed: int = 0) ->
             normal(config.kv_heads, config.seqlen_k), normal(config.heads, config.seqlen_q))
 
 
+def modifier_inputs(config: AttentionConfig, q: torch.Tensor, requires_grad: bool) -> dict[str, object]:
+    """``flash_attention``'s keyword arguments for the configuration's modifier, on q's device; none when plain.
+
+    ``sinks``: ``(Hq,)`` normal logits in q's dtype (a model's parameter). ``alibi``: the ``(Hq,)`` float32
+    slopes of the ALiBi paper, ``2 ** (-8 * h / Hq)`` for h = 1..Hq. ``dropout``: ``dropout_p`` =
+    :data:`DROPOUT_P`. ``bias``: a normal ``(B, 1, Sq, Sk)`` float bias in q's dtype, shared by the heads. The
+    sinks and the bias require grad with ``requires_grad``, so a backward computes their gradients.
+    """
+    if config.modifier == "none":
+        return {}
+    generator = torch.Generator(device=q.device).manual_seed(1)
+    if config.modifier == "sinks":
+        sinks = torch.randn(config.heads, generator=generator, device=q.device, dtype=q.dtype)
+        return {"sinks": sinks.requires_grad_(requires_grad)}
+    if config.modifier == "alibi":
+        exponents = torch.arange(1, config.heads + 1, dtype=torch.float32, device=q.device)
+        return {"alibi_slopes": torch.exp2(-8.0 * exponents / config.heads)}
+    if config.modifier == "dropout":
+        return {"dropout_p": DROPOUT_P}
+    if config.modifier == "bias":
+        shape = (config.batch, 1, config.seqlen_q, config.seqlen_k)
+        bias = torch.randn(shape, generator=generator, device=q.device, dtype=q.dtype)
+        return {"attn_bias": bias.requires_grad_(requires_grad)}
+    raise ValueError(f"modifier: expected 'none' or one of {', '.join(MODIFIERS)}, got {config.modifier!r}")
+
+
+def runs(config: AttentionConfig, provider: Provider) -> bool:
+    """Whether the sweep measures ``provider`` on ``config``: every provider runs plain attention, only those
+    that take the modifiers run a modifier (the others get no row rather than an ``unsupported`` one each)."""
+    return config.modifier == "none" or provider.takes_modifiers
+
+
 def call_for_mode(config: AttentionConfig, provider: Provider, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
-    """What is timed: the forward; the backward alone (its forward runs once, here, untimed); or both."""
+    """What is timed: the forward; the backward alone (its forward runs once, here, untimed); or both. The
+    backward computes the gradients of q, k, v and of the modifier's sinks or bias."""
     q, k, v, dout = inputs
     needs_grad = config.mode != "fwd"
     q, k, v = (tensor.detach().requires_grad_(needs_grad) for tensor in (q, k, v))
-    forward = provider.build(config, q, k, v)
+    modifiers = modifier_inputs(config, q, needs_grad)
+    forward = provider.build(config, q, k, v, **modifiers)
     if config.mode == "fwd":
         return forward
+    differentiable = [value for value in modifiers.values() if isinstance(value, torch.Tensor) and value.requires_grad]
+    leaves = (q, k, v, *differentiable)
     if config.mode == "bwd":
         out = forward()
         # The graph is kept so that the backward can be replayed for every timed repetition.
-        return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-    return lambda: torch.autograd.grad(forward(), (q, k, v), dout)
+        return lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    return lambda: torch.autograd.grad(forward(), leaves, dout)
 
 
 def inputs_key(config: AttentionConfig) -> tuple:
-    """Configurations that differ only in mode share inputs."""
+    """Configurations that differ only in mode or modifier share inputs."""
     return (config.causal, config.dtype, config.batch, config.heads, config.seqlen_q, config.seqlen_k,
             config.head_dim, config.group_size, config.window)

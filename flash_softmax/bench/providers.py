@@ -36,18 +36,22 @@ class Provider:
         context: a context manager factory entered around the warm-up and all timed calls, e.g. to force
             an SDPA backend, so that entering it is not timed.
         on_cpu: whether the provider is part of the default set on a CPU-only machine.
+        takes_modifiers: whether an attention ``build`` also takes a score modifier's keyword arguments
+            (``sinks``, ``alibi_slopes``, ``dropout_p``, ``attn_bias``, as ``flash_attention`` names them);
+            only such providers are timed with ``--modifiers``.
     """
 
     name: str
     build: Callable[..., Callable[[], torch.Tensor]]
     context: Callable[[], contextlib.AbstractContextManager[Any]] = field(default=contextlib.nullcontext)
     on_cpu: bool = True
+    takes_modifiers: bool = False
 
 
-def _flash_softmax_attention(config, q, k, v):
+def _flash_softmax_attention(config, q, k, v, **modifiers):
     import flash_softmax as fs
 
-    return lambda: fs.flash_attention(q, k, v, causal=config.causal, window_size=config.window_size())
+    return lambda: fs.flash_attention(q, k, v, causal=config.causal, window_size=config.window_size(), **modifiers)
 
 
 # Messages torch raises when the forced SDPA backend cannot take the inputs (CUDA and CPU builds word it
@@ -167,7 +171,7 @@ def _naive_attention(config, q, k, v):
 ATTENTION_PROVIDERS: dict[str, Provider] = {
     provider.name: provider
     for provider in (
-        Provider("flash_softmax", _flash_softmax_attention),
+        Provider("flash_softmax", _flash_softmax_attention, takes_modifiers=True),
         Provider("sdpa_flash", _sdpa_builder("FLASH_ATTENTION"), _sdpa_context("FLASH_ATTENTION")),
         Provider("sdpa_cudnn", _sdpa_builder("CUDNN_ATTENTION"), _sdpa_context("CUDNN_ATTENTION"), on_cpu=False),
         Provider("sdpa_efficient", _sdpa_builder("EFFICIENT_ATTENTION"), _sdpa_context("EFFICIENT_ATTENTION"),

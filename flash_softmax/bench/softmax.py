@@ -71,6 +71,11 @@ def configurations(sweep: dict[str, object]) -> list[SoftmaxConfig]:
     return configs
 
 
+def runs(config: SoftmaxConfig, provider: Provider) -> bool:
+    """Every provider runs every softmax configuration."""
+    return True
+
+
 def call_for_mode(config: SoftmaxConfig, provider: Provider, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
     """What is timed: the forward; the backward alone (its forward runs once, here, untimed); or both."""
     x, dy = inputs

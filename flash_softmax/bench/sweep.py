@@ -123,7 +123,8 @@ def run_sweep(
 
     ``op`` is the module of one benchmarked op (:mod:`~flash_softmax.bench.attention` or
     :mod:`~flash_softmax.bench.softmax`), which provides ``inputs_key(config)``, ``make_inputs(config,
-    device)`` and ``call_for_mode(config, provider, inputs)`` (what is timed). Consecutive configurations
+    device)``, ``call_for_mode(config, provider, inputs)`` (what is timed) and ``runs(config, provider)``
+    (whether that pair is measured at all; a pair that is not gets no row). Consecutive configurations
     with the same ``inputs_key`` share one set of inputs, so all providers (and all modes) are timed on the
     very same tensors.
     """
@@ -139,6 +140,8 @@ def run_sweep(
                 free_memory(device)
             current_key = op.inputs_key(config)
         for provider in providers:
+            if not op.runs(config, provider):
+                continue
             if inputs is None:
                 measurement = Measurement("oom", detail="the inputs alone do not fit")
             else:
