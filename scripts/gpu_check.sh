@@ -112,6 +112,7 @@ if (( DRY_RUN )); then
     CAUSAL=(true)
     FLEX_SIZES=(--dtypes float16 --seqlens 64 --batch 1 --heads 2)
     FLEX_PROVIDERS=(flash_softmax)   # compiling FlexAttention for the CPU takes half a minute per shape
+    MODIFIER_SIZES=(--dtypes float16 --seqlens 64 --batch 1 --heads 2)
     HEAD_DIMS_A=32 HEAD_DIMS_B=16
     SOFTMAX_SIZES=(--dtypes float16 --cols 256 4096 --rows 4)
     SOFTMAX_PROVIDERS=(flash_softmax torch)   # torch.compile for the CPU needs seconds per shape
@@ -123,6 +124,7 @@ else
     CAUSAL=(false true)
     FLEX_SIZES=(--dtypes bfloat16 --seqlens 4096)
     FLEX_PROVIDERS=(flash_softmax flex)
+    MODIFIER_SIZES=(--dtypes bfloat16 --seqlens 4096)
     HEAD_DIMS_A=128 HEAD_DIMS_B=64
     SOFTMAX_SIZES=(--dtypes bfloat16 --cols 1024 4096 16384 65536 262144)
     SOFTMAX_PROVIDERS=(flash_softmax torch torch_compile)
@@ -218,6 +220,9 @@ bench log_softmax 45 --op log_softmax "${SOFTMAX_SIZES[@]}" --modes fwd bwd fwd_
 # FlexAttention compiles every shape and mode (tens of seconds each): one length, last.
 bench attention-flex 70 --op attention "${FLEX_SIZES[@]}" --head-dims $HEAD_DIMS_A --causal "${CAUSAL[@]}" \
     --modes fwd bwd fwd_bwd --providers "${FLEX_PROVIDERS[@]}"
+# Each score modifier's overhead over plain attention (the overhead_vs_plain column), our kernel only.
+bench attention-modifiers 40 --op attention "${MODIFIER_SIZES[@]}" --head-dims $HEAD_DIMS_A --causal true \
+    --modes fwd fwd_bwd --providers flash_softmax --modifiers sinks alibi dropout bias
 
 ELAPSED=$(($(date +%s) - START))
 echo "finished after ${ELAPSED}s, $FAILURES phase(s) not ok" >> "$SUMMARY"
