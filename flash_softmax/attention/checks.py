@@ -165,19 +165,24 @@ def expand_attn_bias(attn_bias, q: torch.Tensor, k: torch.Tensor) -> torch.Tenso
     return broadcast_attn_bias(attn_bias, q, k)
 
 
+def _check_per_head(name: str, tensor, q: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise unless ``tensor`` is a floating tensor on q's device with one of ``shapes`` (named, e.g.
+    ``{"(Hq,)": (4,)}``): the checks shared by the per-head modifiers."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tensor).__name__}")
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
+    if tuple(tensor.shape) not in shapes.values():
+        wanted = " or ".join(f"{label} = {shape}" for label, shape in shapes.items())
+        raise ValueError(f"{name} must have shape {wanted}, got {tuple(tensor.shape)}")
+    if tensor.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
+
+
 def check_sinks(sinks, q: torch.Tensor) -> None:
     """Raise unless ``sinks`` is None or a floating ``(Hq,)`` tensor on q's device (any float dtype)."""
-    if sinks is None:
-        return
-    if not isinstance(sinks, torch.Tensor):
-        raise TypeError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
-    if not sinks.dtype.is_floating_point:
-        raise TypeError(f"sinks must be a floating tensor, got {sinks.dtype}")
-    heads_q = q.shape[1]
-    if tuple(sinks.shape) != (heads_q,):
-        raise ValueError(f"sinks must have shape (Hq,) = ({heads_q},), got {tuple(sinks.shape)}")
-    if sinks.device != q.device:
-        raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    if sinks is not None:
+        _check_per_head("sinks", sinks, q, {"(Hq,)": (q.shape[1],)})
 
 
 def check_alibi_slopes(alibi_slopes, q: torch.Tensor) -> None:
@@ -185,18 +190,7 @@ def check_alibi_slopes(alibi_slopes, q: torch.Tensor) -> None:
     does not require grad (the slopes are constants of the model, not parameters)."""
     if alibi_slopes is None:
         return
-    if not isinstance(alibi_slopes, torch.Tensor):
-        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
-    if not alibi_slopes.dtype.is_floating_point:
-        raise TypeError(f"alibi_slopes must be a floating tensor (float32), got {alibi_slopes.dtype}")
-    batch, heads_q = q.shape[0], q.shape[1]
-    if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
-        raise ValueError(
-            f"alibi_slopes must have shape (Hq,) = ({heads_q},) or (B, Hq) = ({batch}, {heads_q}), "
-            f"got {tuple(alibi_slopes.shape)}"
-        )
-    if alibi_slopes.device != q.device:
-        raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    _check_per_head("alibi_slopes", alibi_slopes, q, {"(Hq,)": (q.shape[1],), "(B, Hq)": (q.shape[0], q.shape[1])})
     if alibi_slopes.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "alibi_slopes must not require grad: ALiBi slopes receive no gradient (pass alibi_slopes.detach())"
