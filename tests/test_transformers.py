@@ -25,7 +25,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.cache_utils import DynamicCache  # noqa: E402
-from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import (  # noqa: E402
     sdpa_mask,
     sliding_window_causal_mask_function,
@@ -260,29 +259,6 @@ def test_float_mask_is_added_to_the_scores():
         q.double(), k.double(), v.double(), softmax_scale=0.3, attn_bias=bias[..., :9].double()
     )
     assert_close("biased output", out, truth.transpose(1, 2), None)
-
-
-def test_dropout_in_training_falls_back_to_sdpa_with_a_warning():
-    q, k, v = _qkv()
-    layer = _Layer(2).train()
-    torch.manual_seed(8)
-    with pytest.warns(UserWarning, match="attention dropout 0.5"):
-        out, _ = fs_attention_forward(layer, q, k, v, None, dropout=0.5)
-    band = fs.reference.band_mask(6, 9, True, (-1, 0), "cpu")
-    torch.manual_seed(8)
-    expected, _ = sdpa_attention_forward(layer, q, k, v, band, dropout=0.5, is_causal=False)
-    assert torch.equal(out, expected)
-
-    layer.eval()
-    out, _ = fs_attention_forward(layer, q, k, v, None, dropout=0.5)
-    truth = fs.reference.attention(q.double(), k.double(), v.double(), causal=True)
-    assert_close("eval output ignores dropout", out, truth.transpose(1, 2), None)
-
-
-def test_dropout_with_softcap_is_an_error():
-    q, k, v = _qkv()
-    with pytest.raises(ValueError, match="attention_dropout"):
-        fs_attention_forward(_Layer(2).train(), q, k, v, None, dropout=0.1, softcap=5.0)
 
 
 @pytest.mark.parametrize(

@@ -17,18 +17,38 @@
 - ``fs_attention_forward`` (``AttentionInterface``), called by every attention layer.
 
 The name must not contain "flash": transformers routes every such name to its own FlashAttention family.
+
+Every keyword an attention layer passes is honoured, known to leave the scores alone, or refused; none is
+dropped unread (``transformers`` models grow new ones, and a dropped one gives wrong logits without an
+error). The three sets are ``HONOURED_KEYWORDS``, ``HARMLESS_KEYWORDS`` and ``REFUSED_KEYWORDS``:
+
+- honoured: ``scaling``; ``dropout`` (in the kernel, when ``module.training``); ``sliding_window``;
+  ``softcap``; ``is_causal``; ``s_aux`` (gpt-oss's per-head sinks ``(Hq,)``, the kernel's ``sinks``, with
+  their gradient); ``sinks`` (a per-query sink logit broadcastable to ``(B, Hq, Sq, 1)``, as Inkling 2's,
+  applied to the output through the kernel's lse); ``position_bias`` (T5-style relative bias added to the
+  scaled scores, combined with the mask; its gradient flows); ``cu_seq_lens_q`` / ``cu_seq_lens_k``
+  (sequences packed into one row: a block-diagonal mask keeps them apart); ``position_ids`` (packed rows
+  are separated by the mask transformers builds from them; a layer that gets restarting positions without
+  a mask raises rather than attend across the sequences).
+- harmless (accepted, unread): cache objects and cache bookkeeping, rotary ``position_embeddings`` (already
+  applied to q and k), output switches (``output_attentions=True`` warns: weights are never materialised),
+  FlashAttention's ``deterministic`` and ``max_length_q`` / ``max_length_k`` grid bounds, and the other
+  model inputs that ``**kwargs`` carries down to the layers.
+- refused: ``indices`` and ``block_indices`` (sparse key selections that models fold into the mask only for
+  ``eager`` and ``sdpa``) and ``head_mask`` / ``layer_head_mask`` when not None, ``position_bias`` together
+  with ``softcap`` (no model defines their order), and every keyword in none of the sets: ``ValueError``
+  naming it, saying what is supported and to use ``attn_implementation="eager"`` for that model.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
-from torch.nn.attention.bias import causal_lower_right
 
 try:
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import (
         AttentionMaskInterface,
         causal_mask_function,
@@ -42,13 +62,79 @@ except ImportError as error:  # transformers is an optional dependency
         "pip install 'flash-softmax[hf]'"
     ) from error
 
-from flash_softmax._backend import record_fallback
 from flash_softmax.attention import flash_attention
 
-__all__ = ["ATTENTION_NAME", "register", "fs_attention_forward", "fs_attention_mask"]
+__all__ = [
+    "ATTENTION_NAME",
+    "HARMLESS_KEYWORDS",
+    "HONOURED_KEYWORDS",
+    "REFUSED_KEYWORDS",
+    "register",
+    "fs_attention_forward",
+    "fs_attention_mask",
+]
 
 #: The ``attn_implementation`` name; free of "flash" so transformers does not treat it as FlashAttention.
 ATTENTION_NAME = "fs_attention"
+
+#: Keywords that change the scores and that ``fs_attention_forward`` computes (its named parameters
+#: besides ``module``, ``query``, ``key``, ``value`` and ``attention_mask``).
+HONOURED_KEYWORDS = frozenset({
+    "scaling",
+    "dropout",
+    "sliding_window",
+    "softcap",
+    "is_causal",
+    "s_aux",
+    "sinks",
+    "position_bias",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "position_ids",
+})
+
+#: Keywords the layers pass (explicitly, or through the ``**kwargs`` that carry the model's inputs down)
+#: that do not bear on the attention scores: transformers' own eager and sdpa functions ignore them too.
+HARMLESS_KEYWORDS = frozenset({
+    # Output switches. output_attentions=True warns: the weights are never materialised.
+    "output_attentions",
+    "output_hidden_states",
+    "output_router_logits",
+    "return_dict",
+    # The cache has already been applied to key and value; a paged cache ("cache") is refused below.
+    "use_cache",
+    "past_key_values",
+    "past_key_value",
+    "cache",
+    "cache_position",
+    # Rotary embeddings are already applied to query and key; the encoder states are already key and value.
+    "position_embeddings",
+    "encoder_hidden_states",
+    # Read by the loss, the LM head, the embeddings or the router, never by the attention.
+    "num_items_in_batch",
+    "logits_to_keep",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "moe_mm_token_type_ids",
+    # Packed-sequence index of state-space (Mamba) layers; attention's packing comes from cu_seq_lens_q/k
+    # or position_ids.
+    "seq_idx",
+    # FlashAttention's switch for a deterministic backward, and its grid bounds for packed sequences (the
+    # sequences themselves are cu_seq_lens_q/k).
+    "deterministic",
+    "max_length_q",
+    "max_length_k",
+})
+
+#: Keywords that change the scores and are not computed here: refused when given a value other than None.
+REFUSED_KEYWORDS = {
+    "indices": "the sparse top-k key selection of DeepSeek-V3.2-style attention, which the model folds into "
+    "the mask only for attn_implementation 'eager' and 'sdpa'",
+    "block_indices": "the block-sparse key selection of MiniMax-M3-style attention, which the model folds into "
+    "the mask only for attn_implementation 'eager' and 'sdpa'",
+    "head_mask": "a per-head multiplier of the attention probabilities",
+    "layer_head_mask": "a per-head multiplier of the attention probabilities",
+}
 
 
 def register() -> str:
@@ -143,44 +229,156 @@ def _sliding_window_size(sliding_window: int | None, causal: bool) -> tuple[int,
     return (sliding_window - 1, 0 if causal else sliding_window - 1)
 
 
-def _dropout_fallback(module, query, key, value, attention_mask, *, causal, window, dropout, scaling, softcap, kwargs):
-    """Attention dropout in training is not in the kernel: run transformers' sdpa function instead, with the
-    causal band made explicit (sdpa's ``is_causal`` is top-left aligned, ours bottom-right)."""
-    if softcap:
-        raise ValueError(
-            f"fs_attention: attention dropout ({dropout}) together with softcap ({softcap}) is not supported "
-            "(the kernel has no dropout and sdpa no softcap); set the model's attention_dropout to 0.0 "
-            "or use attn_implementation='eager'"
-        )
-    seqlen_q, seqlen_k = query.shape[2], key.shape[2]
-    if attention_mask is None and _window_hides_keys(window, seqlen_q, seqlen_k):
-        # fs_attention_mask hands over a materialised mask whenever a window hides keys, so this is only
-        # reached by callers that bypass it.
-        raise ValueError(
-            f"fs_attention: attention dropout ({dropout}) with a sliding window {window} that hides keys and no "
-            "attention mask is not supported; set the model's attention_dropout to 0.0 or pass the mask"
-        )
-    record_fallback(
-        "fs_attention",
-        f"attention dropout {dropout} in training mode is not in the kernel; torch's scaled_dot_product_attention "
-        "runs this layer (set the model's attention_dropout to 0.0 to use the kernel)",
-        stacklevel=4,
-    )
-    is_causal = False
-    if attention_mask is None and causal:
-        # Equal lengths: top-left is bottom-right. Otherwise torch's own bottom-right causal bias.
-        is_causal = seqlen_q == seqlen_k
-        attention_mask = None if is_causal else causal_lower_right(seqlen_q, seqlen_k)
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-    )
+def _describe(value) -> str:
+    """A short account of a keyword's value for an error message (a tensor's shape, not its contents)."""
+    if isinstance(value, torch.Tensor):
+        return f"<tensor of shape {tuple(value.shape)}, {value.dtype}>"
+    text = repr(value)
+    return text if len(text) <= 60 else f"<{type(value).__name__}>"
 
 
-def _window_hides_keys(window: tuple[int, int], seqlen_q: int, seqlen_k: int) -> bool:
-    """Whether the band ``window = (left, right)`` (bottom-right aligned, -1 unbounded; causal is the
-    caller's) keeps some query from some key, beyond what causality already does."""
+def _refuse_unknown_keywords(kwargs: dict) -> None:
+    """Raise ``ValueError`` for the first keyword that is neither harmless nor None-valued and refused (the
+    honoured ones are named parameters of ``fs_attention_forward`` and never reach ``kwargs``)."""
+    for name, value in kwargs.items():
+        if name in HARMLESS_KEYWORDS or (name in REFUSED_KEYWORDS and value is None):
+            continue
+        what = REFUSED_KEYWORDS.get(name, "a keyword fs_attention does not know, so it may change the scores")
+        raise ValueError(
+            f"fs_attention: {name}={_describe(value)} is not supported: {what}. fs_attention computes "
+            f"{', '.join(sorted(HONOURED_KEYWORDS))} and accepts the keywords of HARMLESS_KEYWORDS, which do "
+            "not change the scores. Use attn_implementation='eager' (or 'sdpa') for this model"
+        )
+
+
+def _cut_to_keys(bias: torch.Tensor | None, seqlen_k: int) -> torch.Tensor | None:
+    """A mask or bias built for more key positions than the layer has (a static cache's full length) cut to
+    the first ``seqlen_k``."""
+    if bias is not None and bias.ndim > 0 and bias.shape[-1] > seqlen_k:
+        return bias[..., :seqlen_k]
+    return bias
+
+
+def _packed_keep_mask(
+    cu_seq_lens_q: torch.Tensor | None,
+    cu_seq_lens_k: torch.Tensor | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    window: tuple[int, int],
+) -> torch.Tensor | None:
+    """The keep-mask ``(1, 1, Sq, Sk)`` of sequences packed into one row, or None without ``cu_seq_lens``.
+
+    ``cu_seq_lens_q = [0, q_1, q_1 + q_2, ..., Sq]`` (FlashAttention's varlen convention, int ``(n + 1,)``)
+    delimits the queries of the ``n`` sequences and ``cu_seq_lens_k`` their keys. Query ``i`` sees key ``j``
+    iff both belong to the same sequence and the band ``window = (left, right)`` (-1 unbounded, causal
+    already folded into ``right = 0``), aligned to that sequence's own bottom-right corner as in
+    ``flash_attention``, keeps ``j``.
+    """
+    if cu_seq_lens_q is None and cu_seq_lens_k is None:
+        return None
+    for name, cu in (("cu_seq_lens_q", cu_seq_lens_q), ("cu_seq_lens_k", cu_seq_lens_k)):
+        if not isinstance(cu, torch.Tensor) or cu.ndim != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
+            raise ValueError(
+                f"fs_attention: {name} must be an integer tensor (n + 1,) of cumulative sequence lengths, given "
+                f"together with the other of cu_seq_lens_q / cu_seq_lens_k; got {_describe(cu)}"
+            )
+    if cu_seq_lens_q.numel() != cu_seq_lens_k.numel():
+        raise ValueError(
+            f"fs_attention: cu_seq_lens_q and cu_seq_lens_k must count the same sequences; got "
+            f"{cu_seq_lens_q.numel() - 1} and {cu_seq_lens_k.numel() - 1}"
+        )
+    batch, seqlen_q, seqlen_k = query.shape[0], query.shape[2], key.shape[2]
+    if batch != 1:
+        raise ValueError(
+            f"fs_attention: cu_seq_lens_q / cu_seq_lens_k describe sequences packed into one row (batch 1); got "
+            f"batch {batch}"
+        )
+    cu_q = cu_seq_lens_q.to(device=query.device, dtype=torch.long)
+    cu_k = cu_seq_lens_k.to(device=query.device, dtype=torch.long)
+    if not is_tracing(cu_q):  # one host read of a few integers: a wrong packing would be silently wrong logits
+        bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+        for name, bounds, length in (("cu_seq_lens_q", bounds_q, seqlen_q), ("cu_seq_lens_k", bounds_k, seqlen_k)):
+            if bounds[0] != 0 or bounds[-1] != length or any(b < a for a, b in zip(bounds, bounds[1:])):
+                raise ValueError(
+                    f"fs_attention: {name} must rise from 0 to the row's length {length}; got {bounds}"
+                )
+    positions_q = torch.arange(seqlen_q, device=query.device)
+    positions_k = torch.arange(seqlen_k, device=query.device)
+    # The sequence of each token: the number of sequence ends at or before it.
+    sequence_q = torch.searchsorted(cu_q[1:], positions_q, right=True)
+    sequence_k = torch.searchsorted(cu_k[1:], positions_k, right=True)
+    keep = sequence_q[:, None] == sequence_k[None, :]
     left, right = window
-    return (left >= 0 and left < seqlen_k - 1) or (right > 0 and right < seqlen_q - 1)
+    if left >= 0 or right >= 0:
+        # Key j's distance from query i's diagonal, both counted within their own sequence.
+        lengths_q, lengths_k = cu_q.diff(), cu_k.diff()
+        diagonal = positions_q - cu_q[sequence_q] + (lengths_k - lengths_q)[sequence_q]
+        distance = (positions_k - cu_k[sequence_k])[None, :] - diagonal[:, None]
+        if left >= 0:
+            keep &= distance >= -left
+        if right >= 0:
+            keep &= distance <= right
+    return keep[None, None]
+
+
+#: The last ``position_ids`` checked by ``_refuse_unseparated_packing``: (weak reference, its ``_version``).
+_checked_positions: tuple[weakref.ref, int] | None = None
+
+
+def _refuse_unseparated_packing(position_ids, seqlen_q: int) -> None:
+    """Raise when ``position_ids (B, Sq)`` decrease inside a row (sequences packed into it) although the
+    layer got no mask to keep them apart.
+
+    transformers builds the packed mask from ``position_ids`` itself (``create_causal_mask`` called without
+    a 2D attention mask and without a cache), and ``fs_attention_mask`` then returns it, never None. A layer
+    that sees restarting positions with no mask is a call where that did not happen: the attention would run
+    across the sequences. Every layer of a forward gets the same tensor, so it is read once (one host
+    sync per forward); while tracing it cannot be read and is not checked.
+    """
+    global _checked_positions
+    if not isinstance(position_ids, torch.Tensor) or position_ids.ndim != 2 or position_ids.shape[-1] != seqlen_q:
+        return  # multimodal (3D) rotary positions, or positions of other tokens: nothing to tell packing by
+    if seqlen_q < 2 or is_tracing(position_ids):
+        return
+    checked = _checked_positions
+    if checked is not None and checked[0]() is position_ids and checked[1] == position_ids._version:
+        return
+    if bool((position_ids[:, 1:] < position_ids[:, :-1]).any()):
+        raise ValueError(
+            f"fs_attention: position_ids {_describe(position_ids)} restart inside a row (sequences packed into "
+            "it), but the layer got no attention mask keeping the sequences apart. Call the model without a 2D "
+            "attention_mask and without a cache (transformers then builds the packed mask from position_ids), "
+            "or pass cu_seq_lens_q and cu_seq_lens_k"
+        )
+    _checked_positions = (weakref.ref(position_ids), position_ids._version)
+
+
+def _combine_bias(
+    attention_mask: torch.Tensor | None,
+    position_bias: torch.Tensor | None,
+    packed_keep: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The kernel's one ``attn_bias`` from what the layer passed, each broadcastable to ``(B, Hq, Sq, Sk)``:
+    the mask (bool keep-mask, or float added to the scores), the float ``position_bias`` (added to the scaled
+    scores, before the mask, as the models' eager functions do) and the packed sequences' keep-mask.
+
+    A single tensor is passed as it is (stride 0 over its broadcast dims). Keep-masks combine into one bool
+    mask; a keep-mask and a float bias into a float bias with ``-inf`` at the removed keys, whose gradient
+    autograd carries back to the ``position_bias`` or float mask that requires one.
+    """
+    keep = None
+    for part in (attention_mask, packed_keep):
+        if part is not None and part.dtype == torch.bool:
+            keep = part if keep is None else keep & part
+    additive = None
+    for part in (position_bias, attention_mask):
+        if part is not None and part.dtype != torch.bool:
+            additive = part if additive is None else additive + part
+    if additive is None:
+        return keep
+    if keep is None:
+        return additive
+    return torch.where(keep, additive, float("-inf"))
 
 
 def fs_attention_forward(
@@ -194,6 +392,12 @@ def fs_attention_forward(
     sliding_window: int | None = None,
     softcap: float | None = None,
     is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    s_aux: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention for transformers models, computed by ``fs.flash_attention``.
@@ -206,20 +410,32 @@ def fs_attention_forward(
             each group's head in place, K/V are never repeated.
         value: ``(B, Hkv, Sk, Dv)``.
         attention_mask: from ``fs_attention_mask``: None (the kernel's causal pattern, bottom-right
-            aligned) or a bool keep-mask broadcastable to ``(B, Hq, Sq, Sk)``; a float additive mask (e.g. a
-            4D mask the user prepared) is added to the scores. A mask longer than the keys is cut to ``Sk``.
+            aligned) or a bool keep-mask broadcastable to ``(B, Hq, Sq, Sk)``; a float mask (a 4D mask the
+            user prepared, or a bias a model passes as the mask) is added to the scores and receives its
+            gradient. A mask longer than the keys is cut to ``Sk``.
         scaling: softmax scale, default ``1 / sqrt(D)``.
-        dropout: attention dropout probability. Not in the kernel: in training mode with ``dropout > 0``
-            this layer falls back to transformers' sdpa function, with a warning.
+        dropout: attention dropout probability, applied in the kernel when ``module.training``.
         sliding_window: ``w`` keeps keys less than ``w`` positions away; applied when the mask is None (a
             materialised mask already holds the window).
         softcap: Gemma 2's ``attn_logit_softcapping``: ``softcap * tanh(scores / softcap)`` before masking.
         is_causal: overrides ``module.is_causal``; used only when the mask is None.
+        position_bias: float, broadcastable to ``(B, Hq, Sq, Sk)`` (T5's ``(1, Hq, Sq, Sk)``): added to the
+            scaled scores, the mask applied on top; a bias that requires grad receives it.
+        s_aux: ``(Hq,)`` attention sinks (gpt-oss): per head the logit of a virtual key of value 0.
+        sinks: per-query sink logits broadcastable to ``(B, Hq, Sq, 1)`` (Inkling 2): the output is scaled by
+            ``sigmoid(lse - sink)``, the share of the probability the keys keep.
+        cu_seq_lens_q, cu_seq_lens_k: ``(n + 1,)`` cumulative lengths of ``n`` sequences packed into a
+            batch of one row; each attends only within itself.
+        position_ids: ``(B, Sq)``; positions that restart inside a row with no mask are refused (see
+            ``_refuse_unseparated_packing``); otherwise unread (rotary embeddings are already applied).
+        **kwargs: keywords of ``HARMLESS_KEYWORDS`` or None-valued ones of ``REFUSED_KEYWORDS``; any other
+            raises ``ValueError``.
 
     Returns:
         ``(out, None)`` with ``out (B, Sq, Hq, Dv)`` contiguous, in the input dtype. There are no attention
         weights to return (they are never materialised). Query rows that see no key (left padding) give 0.
     """
+    _refuse_unknown_keywords(kwargs)
     if kwargs.get("output_attentions", False):
         warnings.warn(
             "fs_attention does not materialise attention weights; output_attentions=True returns None for them. "
@@ -231,25 +447,57 @@ def fs_attention_forward(
             "fs_attention does not support paged caches (continuous batching); use attn_implementation='sdpa' "
             "or 'paged|eager' for it"
         )
+    softcap = float(softcap) if softcap else 0.0
+    if position_bias is not None and softcap:
+        raise ValueError(
+            f"fs_attention: position_bias together with softcap={softcap} is not supported: no model defines "
+            "whether the bias is added before or after the cap. Use attn_implementation='eager' for this model"
+        )
+    heads_q = query.shape[1]
+    if s_aux is not None and (not isinstance(s_aux, torch.Tensor) or tuple(s_aux.shape) != (heads_q,)):
+        raise ValueError(
+            f"fs_attention: s_aux (attention sinks) must be a tensor of shape (Hq,) = ({heads_q},); got "
+            f"{_describe(s_aux)}"
+        )
+    if sinks is not None and not (
+        isinstance(sinks, torch.Tensor)
+        and sinks.ndim == 4
+        and all(size in (1, want) for size, want in zip(sinks.shape, (*query.shape[:3], 1)))
+    ):
+        raise ValueError(
+            f"fs_attention: sinks (per-query sink logits) must broadcast to (B, Hq, Sq, 1) = "
+            f"{(*query.shape[:3], 1)}; got {_describe(sinks)}"
+        )
+
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     window = _sliding_window_size(sliding_window, causal)
-    if attention_mask is not None and attention_mask.shape[-1] > key.shape[2]:
-        attention_mask = attention_mask[..., : key.shape[2]]
+    seqlen_k = key.shape[2]
+    attention_mask = _cut_to_keys(attention_mask, seqlen_k)
+    position_bias = _cut_to_keys(position_bias, seqlen_k)
+    band = (window[0], 0 if causal else window[1])
+    packed_keep = _packed_keep_mask(cu_seq_lens_q, cu_seq_lens_k, query, key, band)
+    if attention_mask is None and packed_keep is None:
+        _refuse_unseparated_packing(position_ids, query.shape[2])
     scale = None if scaling is None else float(scaling)
-    softcap = float(softcap) if softcap else 0.0
+    dropout_p = float(dropout) if dropout and getattr(module, "training", False) else 0.0
 
-    if dropout > 0.0 and getattr(module, "training", False):
-        return _dropout_fallback(
-            module, query, key, value, attention_mask, causal=causal, window=window, dropout=dropout,
-            scaling=scale, softcap=softcap, kwargs=kwargs,
-        )
-
-    if attention_mask is None:
-        out = flash_attention(
-            query, key, value, causal=causal, softmax_scale=scale, window_size=window, softcap=softcap
-        )
+    attn_bias = _combine_bias(attention_mask, position_bias, packed_keep)
+    if attention_mask is None and packed_keep is None:
+        # The kernel's own band: causal and the window; a position_bias alone is read in place.
+        band_options = dict(causal=causal, window_size=window)
     else:
-        out = flash_attention(query, key, value, softmax_scale=scale, softcap=softcap, attn_bias=attention_mask)
+        # A materialised mask (transformers' or the packed one) already holds the causal band and the window.
+        band_options = {}
+    out = flash_attention(
+        query, key, value, softmax_scale=scale, softcap=softcap, attn_bias=attn_bias, sinks=s_aux,
+        dropout_p=dropout_p, return_lse=sinks is not None, **band_options,
+    )
+    if sinks is not None:
+        # p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(sink_i)): the kernel's normalised output scaled by the
+        # keys' share, sum / (sum + exp(sink)) = sigmoid(lse - sink). lse is differentiable, so is this.
+        out, lse = out
+        share = torch.sigmoid(lse - sinks[..., 0].to(torch.float32))
+        out = (out * share[..., None]).to(query.dtype)
     # transformers' attention layers pass query states laid out as (B, S, H, D) (projections viewed and
     # transposed, rotary embeddings keep that order), so out is (B, S, H, Dv)-contiguous already and this
     # copies nothing; it copies only a query in another layout, for the contiguous result promised above.
