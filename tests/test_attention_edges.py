@@ -141,15 +141,22 @@ def test_bias_layouts_and_dtypes(make_bias, dtype):
     check_attention(q, k, v, attn_bias=make_bias())
 
 
-def test_bias_needing_no_gradient_in_another_dtype():
-    """A float32 bias with requires_grad next to float16 q: it gets no gradient, q, k, v theirs."""
+def test_bias_gradient_in_another_dtype():
+    """A float32 bias that requires grad next to float16 q: it gets a float32 gradient, as accurate (once
+    rounded to float16) as the float16 reference's; q, k, v get theirs."""
     q, k, v = make_inputs(1, 2, 2, 19, 37, 16, F16)
     bias = randn(1, 2, 19, 37).requires_grad_()
     out = fs.flash_attention(q, k, v, attn_bias=bias)
     dout = randn(*out.shape, dtype=F16, seed=3)
     out.backward(dout)
-    assert bias.grad is None
+    assert bias.grad.dtype == F32 and bias.grad.shape == bias.shape
     assert_matches_reference(dict(out=out, **grads_of(q, k, v)), q, k, v, dout, attn_bias=bias.detach())
+    bias_grads = []
+    for dtype, upcast in ((torch.float64, True), (F16, False)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, bias)]
+        fs.reference.attention(*leaves[:3], attn_bias=leaves[3], upcast=upcast).backward(dout.to(dtype))
+        bias_grads.append(leaves[3].grad)
+    assert_close("dbias", bias.grad.to(F16), *bias_grads, factor=GRADIENT_FACTOR)
 
 
 def test_bias_nan_reaches_exactly_its_rows():
