@@ -78,12 +78,12 @@ def _attn_bwd_preprocess_kernel(
     o = tl.load(o_ptrs, mask=mask, other=0.0)
     do = tl.load(do_ptrs, mask=mask, other=0.0)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
-    row_stats = tile_pointers(DLse, batch_head, offs_m, seqlen_q)  # DLse, LSE and Delta share one layout
+    rows = batch_head.to(tl.int64) * seqlen_q + offs_m  # DLse, LSE and Delta are (B * Hq, Sq) matrices
     if HAS_DLSE:
-        delta = delta - tl.load(row_stats, mask=row_mask, other=0.0).to(ACC_DTYPE) * LOG2E_CONSTEXPR
-    tl.store(tile_pointers(Delta, batch_head, offs_m, seqlen_q), delta, mask=row_mask)
+        delta = delta - tl.load(DLse + rows, mask=row_mask, other=0.0).to(ACC_DTYPE) * LOG2E_CONSTEXPR
+    tl.store(Delta + rows, delta, mask=row_mask)
     if HAS_SINKS:
-        lse = tl.load(tile_pointers(LSE, batch_head, offs_m, seqlen_q), mask=row_mask, other=float("-inf"))
+        lse = tl.load(LSE + rows, mask=row_mask, other=float("-inf"))
         sink = tl.load(Sinks + head).to(ACC_DTYPE) * LOG2E_CONSTEXPR
         # The sink's probability; 0 for rows past the end and for a row whose lse is -inf (no key, no sink).
         p_sink = tl.where(lse == float("-inf"), 0.0, tl.math.exp2(sink - lse))
@@ -600,10 +600,15 @@ def attention_backward(
     heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     has_sinks = options.sinks is not None
-    dsinks = torch.zeros(heads_q, dtype=torch.float32, device=q.device) if has_sinks else None
+    # Nothing to sum over when there are no query rows (dsinks) or no scores (dbias): zeros, else the kernels
+    # write every entry.
+    dsinks = None
+    if has_sinks and batch * heads_q * seqlen_q == 0:
+        dsinks = torch.zeros(heads_q, dtype=torch.float32, device=q.device)
     dbias = None
     if bias_grad_shape is not None:
-        dbias = torch.zeros(bias_grad_shape, dtype=torch.float32, device=q.device)
+        allocate = torch.zeros if seqlen_q * seqlen_k * batch * heads_q == 0 else torch.empty
+        dbias = allocate(bias_grad_shape, dtype=torch.float32, device=q.device)
     if batch * heads_q == 0:
         return dq, dk, dv, dsinks, dbias
     delta = torch.empty((batch, heads_q, seqlen_q), dtype=options.statistics_dtype(q), device=q.device)
