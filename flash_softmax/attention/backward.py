@@ -35,38 +35,48 @@ from flash_softmax.attention.common import (
     key_range,
     load_tile,
     matrix_descriptor,
-    program_tiles,
-    query_block,
+    packed_tile,
+    program_work,
     query_range,
+    query_tile,
     score_tile,
     stage_bounds,
     tile_coordinates,
     tile_pointers,
 )
-from flash_softmax.attention.options import KernelOptions
+from flash_softmax.attention.options import KernelOptions, PackedBatch, batch_stride, packed_operands
 
 
-@triton.jit(do_not_specialize=["seqlen_q"])
+@triton.jit(do_not_specialize=["seqlen_q", "num_seqs", "total_q"])
 def _attn_bwd_preprocess_kernel(
-    Out, DOut, DLse, LSE, Sinks, Delta, DSinksPartial,
+    Out, DOut, DLse, LSE, Sinks, CuSeqlensQ, Delta, DSinksPartial,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
-    num_heads_q, seqlen_q,
+    num_heads_q, seqlen_q, num_seqs, total_q,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    HAS_DLSE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_DLSE: tl.constexpr, HAS_SINKS: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``: ``delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d]``.
 
     With ``HAS_DLSE`` (a loss on the returned lse), ``delta - dlse`` instead: ``d lse_i / d s_ij = P_ij``, so
     the lse's gradient joins ``dS = P * (dP - delta)`` as ``P * dlse``. ``DLse`` is the gradient of the
     base-2 lse the kernels keep, hence the ``log2(e)``. With ``HAS_SINKS`` each program also writes its
-    rows' share of the sink's gradient, ``-sum_i exp(sink - lse_i) * delta_i``, to
-    ``DSinksPartial[(b * Hq + h) * cdiv(Sq, BLOCK_M) + block]``; the launcher adds the shares in a fixed order.
+    rows' share of the sink's gradient, ``-sum_i exp(sink - lse_i) * delta_i``, to ``DSinksPartial[pid]``
+    (``(B, Hq, blocks)`` in the grid's order); the launcher adds the shares in a fixed order.
+
+    ``VARLEN``: a packed batch (see ``_attn_fwd_kernel``), grid ``packed_tile_count(total_q, num_seqs,
+    BLOCK_M) * Hq``; a program past the last tile writes a share of 0.
     """
-    num_blocks = tl.cdiv(seqlen_q, BLOCK_M)
-    block_m, batch_head = block_and_head(num_blocks)
-    batch = batch_head // num_heads_q
-    head = batch_head % num_heads_q
+    if VARLEN:
+        sequence, block_m, head, found = packed_tile(CuSeqlensQ, num_seqs, total_q, BLOCK_M)
+        batch = tl.load(CuSeqlensQ + sequence).to(tl.int32)  # the row strides are the batch strides
+        seqlen_q = tl.where(found, tl.load(CuSeqlensQ + sequence + 1).to(tl.int32) - batch, 0)
+        stats_start = head.to(tl.int64) * total_q + batch  # DLse, LSE and Delta are (Hq, total_q) matrices
+    else:
+        block_m, batch_head = block_and_head(tl.cdiv(seqlen_q, BLOCK_M))
+        batch = batch_head // num_heads_q
+        head = batch_head % num_heads_q
+        stats_start = batch_head.to(tl.int64) * seqlen_q  # DLse, LSE and Delta are (B * Hq, Sq) matrices
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < seqlen_q
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -78,7 +88,7 @@ def _attn_bwd_preprocess_kernel(
     o = tl.load(o_ptrs, mask=mask, other=0.0)
     do = tl.load(do_ptrs, mask=mask, other=0.0)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
-    rows = batch_head.to(tl.int64) * seqlen_q + offs_m  # DLse, LSE and Delta are (B * Hq, Sq) matrices
+    rows = stats_start + offs_m
     if HAS_DLSE:
         delta = delta - tl.load(DLse + rows, mask=row_mask, other=0.0).to(ACC_DTYPE) * LOG2E_CONSTEXPR
     tl.store(Delta + rows, delta, mask=row_mask)
@@ -87,7 +97,7 @@ def _attn_bwd_preprocess_kernel(
         sink = tl.load(Sinks + head).to(ACC_DTYPE) * LOG2E_CONSTEXPR
         # The sink's probability; 0 for rows past the end and for a row whose lse is -inf (no key, no sink).
         p_sink = tl.where(lse == float("-inf"), 0.0, tl.math.exp2(sink - lse))
-        tl.store(DSinksPartial + batch_head.to(tl.int64) * num_blocks + block_m, -tl.sum(p_sink * delta, axis=0))
+        tl.store(DSinksPartial + tl.program_id(0), -tl.sum(p_sink * delta, axis=0))
 
 
 @triton.jit
@@ -187,7 +197,7 @@ def _store_gradient(ptrs, x, mask, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
 
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Bias, Sinks, Alibi, Rng, DOut, LSE, Delta, DK, DV,
+    Q, K, V, Bias, Sinks, Alibi, Rng, CuSeqlensQ, CuSeqlensK, DOut, LSE, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -198,12 +208,12 @@ def _attn_bwd_dkdv_kernel(
     stride_dvs, stride_dvb, stride_dvh, stride_dvn,
     num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
     softmax_scale, qk_scale, softcap_scale, softcap_log2, dropout_threshold, dropout_scale,
-    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs, head_splits,
+    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs, num_seqs, total_q, total_k, head_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr, VARLEN: tl.constexpr,
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, SPLIT_GROUPS: tl.constexpr,
 ):
     """dK/dV rows ``[block_n * BLOCK_N, (block_n + 1) * BLOCK_N)`` of one (batch, K/V head) per tile, summed
@@ -215,13 +225,21 @@ def _attn_bwd_dkdv_kernel(
     consecutive members of the group and writes its partial sums at ``split * stride_dks`` (without
     ``SPLIT_GROUPS``, ``head_splits = 1``: the whole group, written straight into dK/dV; a compile-time
     switch, because the share arithmetic costs the registers a 256-wide head does not have). Each program
-    sums over its query heads in a fixed order, so grouped-query gradients need no atomics either."""
+    sums over its query heads in a fixed order, so grouped-query gradients need no atomics either.
+
+    ``VARLEN``: a packed batch (see ``_attn_fwd_kernel``), grid ``packed_tile_count(total_k, num_seqs, BLOCK_N)
+    * Hkv * head_splits`` over the sequences' key blocks, taken first to last."""
     num_blocks = tl.cdiv(seqlen_k, BLOCK_N)
-    first, stop, step = program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT)
+    first, stop, step, seqlen_q, seqlen_k, packed = program_work(
+        CuSeqlensQ, CuSeqlensK, num_seqs, total_k, seqlen_q, seqlen_k, num_blocks, batch_heads, num_programs,
+        PERSISTENT, VARLEN, True, BLOCK_N)
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     seed, offset = dropout_state(Rng, HAS_DROPOUT)
     for tile in range(first, stop, step):
-        block_n, unit = tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT, False)
+        if VARLEN:
+            sequence, block_n, unit, q_index, k_index = packed
+        else:
+            block_n, unit = tile_coordinates(tile, num_blocks, batch_heads, PERSISTENT, False)
         start_n = block_n * BLOCK_N
         num_heads_kv = num_heads_q // group_size
         if SPLIT_GROUPS:
@@ -237,8 +255,14 @@ def _attn_bwd_dkdv_kernel(
             member_begin = 0
             member_end = group_size
             dk_out, dv_out = DK, DV
-        batch = batch_head_kv // num_heads_kv
-        head_kv = batch_head_kv % num_heads_kv
+        if VARLEN:
+            batch = sequence
+            head_kv = batch_head_kv
+        else:
+            batch = batch_head_kv // num_heads_kv
+            head_kv = batch_head_kv % num_heads_kv
+            q_index = batch
+            k_index = batch
 
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -246,8 +270,8 @@ def _attn_bwd_dkdv_kernel(
         key_rows = offs_n[:, None]
         key_mask = key_rows < seqlen_k
 
-        k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
-        v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
+        k_head = head_start(K, k_index, head_kv, stride_kb, stride_kh)
+        v_head = head_start(V, k_index, head_kv, stride_vb, stride_vh)
         if USE_TMA:
             k = matrix_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D).load([start_n, 0])
             v = matrix_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM_V, BLOCK_N, BLOCK_DV).load([start_n, 0])
@@ -269,8 +293,8 @@ def _attn_bwd_dkdv_kernel(
         begin, end = stage_bounds(queries, WHOLE_BAND)
         for member in range(member_begin, member_end):
             head = head_kv * group_size + member
-            q_head = head_start(Q, batch, head, stride_qb, stride_qh)
-            do_head = head_start(DOut, batch, head, stride_dob, stride_doh)
+            q_head = head_start(Q, q_index, head, stride_qb, stride_qh)
+            do_head = head_start(DOut, q_index, head, stride_dob, stride_doh)
             if USE_TMA:
                 q_desc = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
                 do_desc = matrix_descriptor(do_head, seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
@@ -280,7 +304,10 @@ def _attn_bwd_dkdv_kernel(
             bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
             slope = alibi_slope(Alibi, batch, head, stride_ab, stride_ah, HAS_ALIBI)
             batch_head = batch * num_heads_q + head
-            row_stats = batch_head.to(tl.int64) * seqlen_q
+            if VARLEN:
+                row_stats = head.to(tl.int64) * total_q + q_index
+            else:
+                row_stats = batch_head.to(tl.int64) * seqlen_q
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_head, do_head, q_desc, do_desc, LSE + row_stats, Delta + row_stats, bias_ptr,
                 stride_qm, stride_dom, stride_bm, stride_bn, offs_m, offs_n, offs_d, offs_dv, mask_d, mask_dv,
@@ -293,14 +320,14 @@ def _attn_bwd_dkdv_kernel(
 
         if COMPUTE_DK:
             dk = dk * softmax_scale
-            dk_ptrs = tile_pointers(head_start(dk_out, batch, head_kv, stride_dkb, stride_dkh), key_rows, offs_d[None, :],
+            dk_ptrs = tile_pointers(head_start(dk_out, k_index, head_kv, stride_dkb, stride_dkh), key_rows, offs_d[None, :],
                                     stride_dkn)
             _store_gradient(dk_ptrs, dk, key_mask & mask_d[None, :], DK.dtype.element_ty, DOT_DTYPE,
                             INTERPRETED_BFLOAT16)
         if COMPUTE_DV:
             if HAS_DROPOUT:
                 dv = dv * dropout_scale
-            dv_ptrs = tile_pointers(head_start(dv_out, batch, head_kv, stride_dvb, stride_dvh), key_rows, offs_dv[None, :],
+            dv_ptrs = tile_pointers(head_start(dv_out, k_index, head_kv, stride_dvb, stride_dvh), key_rows, offs_dv[None, :],
                                     stride_dvn)
             _store_gradient(dv_ptrs, dv, key_mask & mask_dv[None, :], DV.dtype.element_ty, DOT_DTYPE,
                             INTERPRETED_BFLOAT16)
@@ -356,7 +383,7 @@ def _attn_bwd_dq_inner(
 
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_bwd_dq_kernel(
-    Q, K, V, Bias, Sinks, Alibi, Rng, DOut, LSE, Delta, DQ,
+    Q, K, V, Bias, Sinks, Alibi, Rng, CuSeqlensQ, CuSeqlensK, DOut, LSE, Delta, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -366,33 +393,35 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
     softmax_scale, qk_scale, softcap_scale, softcap_log2, dropout_threshold, dropout_scale,
-    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs,
+    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs, num_seqs, total_q, total_k,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dQ rows ``[block_m * BLOCK_M, (block_m + 1) * BLOCK_M)`` of one (batch, query head) per tile.
 
     Grid ``(cdiv(Sq, BLOCK_M) * B * Hq,)``, or with ``PERSISTENT`` ``(num_programs,)`` walking the tiles
-    heaviest first (``batch_heads = B * Hq``)."""
+    heaviest first (``batch_heads = B * Hq``). ``VARLEN``: a packed batch, as in ``_attn_fwd_kernel``."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     seed, offset = dropout_state(Rng, HAS_DROPOUT)
-    first, stop, step = program_tiles(tl.cdiv(seqlen_q, BLOCK_M), batch_heads, num_programs, PERSISTENT)
+    first, stop, step, seqlen_q, seqlen_k, packed = program_work(
+        CuSeqlensQ, CuSeqlensK, num_seqs, total_q, seqlen_q, seqlen_k, tl.cdiv(seqlen_q, BLOCK_M), batch_heads,
+        num_programs, PERSISTENT, VARLEN, False, BLOCK_M)
     for tile in range(first, stop, step):
-        batch_head, batch, head, head_kv, start_m, offs_m = query_block(
-            tile, seqlen_q, batch_heads, num_heads_q, group_size, PERSISTENT, BLOCK_M)
+        batch_head, batch, head, head_kv, start_m, offs_m, q_index, k_index, row_stats = query_tile(
+            tile, seqlen_q, batch_heads, num_heads_q, group_size, total_q, packed, PERSISTENT, VARLEN, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
         rows = offs_m[:, None]
         row_mask = offs_m < seqlen_q
 
-        q_head = head_start(Q, batch, head, stride_qb, stride_qh)
-        do_head = head_start(DOut, batch, head, stride_dob, stride_doh)
-        k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
-        v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
-        dq_head = head_start(DQ, batch, head, stride_dqb, stride_dqh)
+        q_head = head_start(Q, q_index, head, stride_qb, stride_qh)
+        do_head = head_start(DOut, q_index, head, stride_dob, stride_doh)
+        k_head = head_start(K, k_index, head_kv, stride_kb, stride_kh)
+        v_head = head_start(V, k_index, head_kv, stride_vb, stride_vh)
+        dq_head = head_start(DQ, q_index, head, stride_dqb, stride_dqh)
         if USE_TMA:
             q = matrix_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D).load([start_m, 0])
             do = matrix_descriptor(do_head, seqlen_q, stride_dom, HEAD_DIM_V, BLOCK_M, BLOCK_DV).load([start_m, 0])
@@ -405,7 +434,6 @@ def _attn_bwd_dq_kernel(
                          mask=row_mask[:, None] & mask_dv[None, :], other=0.0)
             k_desc = K
             v_desc = V
-        row_stats = batch_head.to(tl.int64) * seqlen_q
         lse2, delta = _load_row_stats(LSE + row_stats, Delta + row_stats, offs_m, row_mask, True)
         q = dot_operand(q, DOT_DTYPE, INTERPRETED_BFLOAT16)
         do = dot_operand(do, DOT_DTYPE, INTERPRETED_BFLOAT16)
@@ -581,6 +609,7 @@ def attention_backward(
     options: KernelOptions,
     dlse: torch.Tensor | None = None,
     bias_grad_shape: tuple[int, int, int, int] | None = None,
+    packed: PackedBatch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernels.
 
@@ -591,14 +620,20 @@ def attention_backward(
         dlse: ``(B, Hq, Sq)`` gradient of the (base-2) lse when a loss used it, else None.
         bias_grad_shape: for the gradient of a float bias, its sizes as 4 dims, each 1 (broadcast) or the
             full ``(B, Hq, Sq, Sk)`` size; None when the bias needs no gradient.
+        packed: for a packed batch, its sequences (as for ``attention_forward``; no bias then).
 
     Returns:
-        ``dq, dk, dv`` with the shapes, dtypes and memory layouts of ``q, k, v``; ``dsinks`` float32 ``(Hq,)``
+        ``dq, dk, dv`` with the shapes, dtypes and memory layouts of ``q, k, v`` (for a packed batch, of the
+        packed ``(T, H, D)`` tensors: ``torch.empty_like`` of them); ``dsinks`` float32 ``(Hq,)``
         (None without sinks); ``dbias`` float32 of ``bias_grad_shape`` (None without it).
     """
     batch, heads_q, seqlen_q, _ = q.shape
     heads_kv, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if packed is None:
+        dq, dk, dv = gradients = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    else:
+        gradients = tuple(torch.empty_like(PackedBatch.as_packed(t)) for t in (q, k, v))
+        dq, dk, dv = (PackedBatch.as_batch(t) for t in gradients)
     has_sinks = options.sinks is not None
     # Nothing to sum over when there are no query rows (dsinks) or no scores (dbias): zeros, else the kernels
     # write every entry.
@@ -610,60 +645,67 @@ def attention_backward(
         allocate = torch.zeros if seqlen_q * seqlen_k * batch * heads_q == 0 else torch.empty
         dbias = allocate(bias_grad_shape, dtype=torch.float32, device=q.device)
     if batch * heads_q == 0:
-        return dq, dk, dv, dsinks, dbias
+        return *gradients, dsinks, dbias
     delta = torch.empty((batch, heads_q, seqlen_q), dtype=options.statistics_dtype(q), device=q.device)
-    constexprs = options.constexprs(q, v)
+    constexprs = {**options.constexprs(q, v), "VARLEN": packed is not None}
     sinks, alibi, rng, *alibi_strides = options.modifier_operands(q)
+    sequences, packed_sizes = packed_operands(packed, q, k)
+    num_seqs = None if packed is None else packed.num_seqs
     if seqlen_q > 0:
         block_m = configs.PREPROCESS_BLOCK_M
-        blocks = configs.cdiv(seqlen_q, block_m)
+        blocks = configs.cdiv(seqlen_q, block_m) if packed is None else configs.packed_tiles(seqlen_q, num_seqs, block_m)
         # Each program's share of the sinks' gradient, added below in a fixed order (deterministic).
         dsinks_partial = torch.empty((batch, heads_q, blocks), dtype=torch.float32, device=q.device) if has_sinks \
             else delta
         _attn_bwd_preprocess_kernel[(blocks * batch * heads_q,)](
-            out, dout, delta if dlse is None else dlse.contiguous(), lse, sinks, delta, dsinks_partial,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            heads_q, seqlen_q,
+            out, dout, delta if dlse is None else dlse.contiguous(), lse, sinks, sequences[0], delta, dsinks_partial,
+            batch_stride(out, packed), out.stride(1), out.stride(2),
+            batch_stride(dout, packed), dout.stride(1), dout.stride(2),
+            heads_q, seqlen_q, *packed_sizes[:2],
             HEAD_DIM_V=head_dim_v, BLOCK_DV=constexprs["BLOCK_DV"], BLOCK_M=block_m,
             ACC_DTYPE=constexprs["ACC_DTYPE"], HAS_DLSE=dlse is not None, HAS_SINKS=has_sinks,
+            VARLEN=packed is not None,
         )
         if has_sinks:
             dsinks = dsinks_partial.sum(dim=(0, 2))
 
     bias, bias_strides = options.bias_operand(q)
-    operands = (q, k, v, bias, sinks, alibi, rng, dout, lse, delta)
+    inputs, row_operands = (q, k, v, bias, sinks, alibi, rng), (dout, lse, delta)
     input_strides = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        batch_stride(q, packed), q.stride(1), q.stride(2),
+        batch_stride(k, packed), k.stride(1), k.stride(2),
+        batch_stride(v, packed), v.stride(1), v.stride(2),
         *bias_strides, *alibi_strides,
-        dout.stride(0), dout.stride(1), dout.stride(2),
+        batch_stride(dout, packed), dout.stride(1), dout.stride(2),
     )
-    runtime = options.runtime_arguments(q, k)
-    selection = options.selection_arguments(q, k, v)
+    runtime = options.runtime_arguments(q, k, packed)
+    selection = options.selection_arguments(q, k, v, packed)
     device_index = selection[-1]
     if seqlen_k > 0:
         kernel, config, launch = configs.launch(
             "backward_dkdv", _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_kernel_tuned, *selection)
         splits = 1
         if config is not None:
-            splits = configs.gqa_head_splits(
-                configs.cdiv(seqlen_k, config.block_n) * batch * heads_kv, heads_q // heads_kv, device_index)
+            key_blocks = (configs.cdiv(seqlen_k, config.block_n) if packed is None
+                          else configs.packed_tiles(seqlen_k, num_seqs, config.block_n))
+            splits = configs.gqa_head_splits(key_blocks * batch * heads_kv, heads_q // heads_kv, device_index)
         if splits > 1:
             # Each share of a group writes float32 partial sums; they are added in share order below.
             dk_out = torch.empty((splits, *dk.shape), dtype=torch.float32, device=q.device)
             dv_out = torch.empty((splits, *dv.shape), dtype=torch.float32, device=q.device)
-            split_strides = (*dk_out.stride()[:4], *dv_out.stride()[:4])
+            split_strides = (dk_out.stride(0), batch_stride(dk_out[0], packed), *dk_out.stride()[2:4],
+                             dv_out.stride(0), batch_stride(dv_out[0], packed), *dv_out.stride()[2:4])
         else:
             dk_out, dv_out = dk, dv
-            split_strides = (0, *dk.stride()[:3], 0, *dv.stride()[:3])
+            split_strides = (0, batch_stride(dk, packed), *dk.stride()[1:3],
+                             0, batch_stride(dv, packed), *dv.stride()[1:3])
         grid, programs, launch = configs.grid_and_arguments(
-            config, launch, seqlen_k, batch * heads_kv * splits, "BLOCK_N", (q, k, v, dout), device_index)
+            config, launch, seqlen_k, batch * heads_kv * splits, "BLOCK_N", (q, k, v, dout), device_index, num_seqs)
         for part in dkdv_parts(config):
             kernel[grid](
-                *operands, dk_out, dv_out, *input_strides, *split_strides,
-                *runtime, *programs, splits, **constexprs, **launch, **part, SPLIT_GROUPS=splits > 1,
+                *inputs, *sequences, *row_operands, dk_out, dv_out, *input_strides, *split_strides,
+                *runtime, *programs, *packed_sizes, splits, **constexprs, **launch, **part,
+                SPLIT_GROUPS=splits > 1,
             )
         if splits > 1:
             dk.copy_(dk_out.sum(0))
@@ -672,15 +714,17 @@ def attention_backward(
         kernel, config, launch = configs.launch(
             "backward_dq", _attn_bwd_dq_kernel, _attn_bwd_dq_kernel_tuned, *selection)
         grid, programs, launch = configs.grid_and_arguments(
-            config, launch, seqlen_q, batch * heads_q, "BLOCK_M", (q, k, v, dout, dq), device_index)
+            config, launch, seqlen_q, batch * heads_q, "BLOCK_M", (q, k, v, dout, dq), device_index, num_seqs)
         kernel[grid](
-            *operands, dq, *input_strides,
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            *runtime, *programs, **constexprs, **launch,
+            *inputs, *sequences, *row_operands, dq, *input_strides,
+            batch_stride(dq, packed), dq.stride(1), dq.stride(2),
+            *runtime, *programs, *packed_sizes, **constexprs, **launch,
         )
     if dbias is not None and seqlen_q > 0 and seqlen_k > 0:
-        _launch_dbias(dbias, operands, input_strides, runtime, constexprs, batch, heads_q, seqlen_q, seqlen_k)
-    return dq, dk, dv, dsinks, dbias
+        constexprs.pop("VARLEN")  # a packed batch has no bias
+        _launch_dbias(dbias, (*inputs, *row_operands), input_strides, runtime, constexprs, batch, heads_q, seqlen_q,
+                      seqlen_k)
+    return *gradients, dsinks, dbias
 
 
 def _launch_dbias(dbias, operands, input_strides, runtime, constexprs, batch, heads_q, seqlen_q, seqlen_k):

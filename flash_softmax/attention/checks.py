@@ -185,12 +185,15 @@ def check_sinks(sinks, q: torch.Tensor) -> None:
         _check_per_head("sinks", sinks, q, {"(Hq,)": (q.shape[1],)})
 
 
-def check_alibi_slopes(alibi_slopes, q: torch.Tensor) -> None:
+def check_alibi_slopes(alibi_slopes, q: torch.Tensor, num_seqs: int | None = None) -> None:
     """Raise unless ``alibi_slopes`` is None or a floating ``(Hq,)`` or ``(B, Hq)`` tensor on q's device that
-    does not require grad (the slopes are constants of the model, not parameters)."""
+    does not require grad (the slopes are constants of the model, not parameters). For a packed batch of
+    ``num_seqs`` sequences (q ``(T, Hq, D)``), ``(Hq,)`` or ``(N, Hq)``."""
     if alibi_slopes is None:
         return
-    _check_per_head("alibi_slopes", alibi_slopes, q, {"(Hq,)": (q.shape[1],), "(B, Hq)": (q.shape[0], q.shape[1])})
+    heads_q = q.shape[1]
+    per_batch = {"(B, Hq)": (q.shape[0], heads_q)} if num_seqs is None else {"(N, Hq)": (num_seqs, heads_q)}
+    _check_per_head("alibi_slopes", alibi_slopes, q, {"(Hq,)": (heads_q,), **per_batch})
     if alibi_slopes.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "alibi_slopes must not require grad: ALiBi slopes receive no gradient (pass alibi_slopes.detach())"
@@ -211,3 +214,49 @@ def resolve_dropout_p(dropout_p) -> float:
 def pad_to_four_dims(shape) -> tuple[int, ...]:
     """A broadcastable shape of at most four dims with leading 1s added to make four."""
     return (1,) * (4 - len(shape)) + tuple(shape)
+
+
+CU_SEQLENS_DTYPES = (torch.int32, torch.int64)
+
+
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    """Raise ``TypeError``/``ValueError`` unless q ``(Tq, Hq, D)``, k ``(Tk, Hkv, D)``, v ``(Tk, Hkv, Dv)`` and
+    the int32/int64 ``(N + 1,)`` cumulative lengths ``cu_seqlens_q`` / ``cu_seqlens_k`` on their device form
+    a valid packed call, and each ``max_seqlen_*`` is None or an int >= 0. Only shapes, dtypes and devices
+    are read: the values of ``cu_seqlens`` stay on the device (reading them would synchronise)."""
+    for name, value in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() != 3:
+            raise ValueError(
+                f"{name} must have 3 dims (total_tokens, heads, head_dim) for flash_attention_varlen, got "
+                f"{value.dim()} dims with shape {tuple(value.shape)}"
+            )
+    # The remaining checks of q, k and v are those of a batch of one: (1, H, T, D).
+    check_attention_inputs(*(t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)))
+    sequences = []
+    for name, cu_seqlens in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in CU_SEQLENS_DTYPES:
+            raise TypeError(f"{name} must have dtype int32 or int64, got {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+            raise ValueError(
+                f"{name} must have shape (N + 1,) for N sequences (at least one entry, 0), got shape "
+                f"{tuple(cu_seqlens.shape)}"
+            )
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu_seqlens.device}")
+        sequences.append(cu_seqlens.shape[0] - 1)
+    if sequences[0] != sequences[1]:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+            f"{sequences[0]} (shape ({sequences[0] + 1},)) and {sequences[1]} (shape ({sequences[1] + 1},))"
+        )
+    for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if bound is None:
+            continue
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Integral):
+            raise TypeError(f"{name} must be an int or None, got {type(bound).__name__} {bound!r}")
+        if bound < 0:
+            raise ValueError(f"{name} must be >= 0, got {bound}")

@@ -94,6 +94,124 @@ def query_block(tile, seqlen_q, batch_heads, num_heads_q, group_size, PERSISTENT
     return batch_head, batch, head, head // group_size, start_m, start_m + tl.arange(0, BLOCK_M)
 
 
+#: Sequences a program reads at once while it looks for its tile's sequence in a packed batch
+#: (``packed_tile``): one vector load and one prefix sum per chunk.
+SEQUENCE_CHUNK = tl.constexpr(64)
+
+
+@triton.jit
+def packed_tile_count(total_rows, num_seqs, BLOCK: tl.constexpr):
+    """An upper bound of the blocks of ``BLOCK`` rows in a packed batch of ``num_seqs`` sequences with
+    ``total_rows`` rows in all: each sequence's ``cdiv(len, BLOCK)`` rounds its ``len / BLOCK`` up by less
+    than 1, so the sum is at most ``(total_rows + num_seqs * (BLOCK - 1)) // BLOCK`` (``configs.packed_tiles``
+    computes the same on the host)."""
+    return (total_rows + num_seqs * (BLOCK - 1)) // BLOCK
+
+
+@triton.jit
+def packed_tile(CuSeqlens, num_seqs, total_rows, BLOCK: tl.constexpr):
+    """This program's tile of a packed (variable-length) batch: ``(sequence, block, unit, found)``.
+
+    The grid is ``packed_tile_count(...) * units`` programs: program ``pid`` takes tile ``pid % count`` of
+    unit (head) ``pid // count``. Tiles are numbered sequence after sequence, ``cdiv(len, BLOCK)`` for each
+    (none for an empty one), from the lengths ``CuSeqlens[n + 1] - CuSeqlens[n]``: the program finds its
+    sequence by scanning the cumulative lengths ``SEQUENCE_CHUNK`` at a time with a prefix sum of the tile
+    counts, with no table built on the host or in another launch. ``block`` counts from the sequence's first
+    row; ``found`` is False for the few tiles past the last one (the count is a bound), whose ``sequence`` is
+    then clamped to a valid index and which must do nothing.
+    """
+    count = packed_tile_count(total_rows, num_seqs, BLOCK)
+    pid = tl.program_id(0)
+    tile = pid % count
+    unit = pid // count
+    sequence = pid * 0  # sequences wholly before this tile
+    tiles_before = pid * 0  # their tiles
+    carry = pid * 0  # tiles of the chunks already scanned
+    offs = tl.arange(0, SEQUENCE_CHUNK)
+    for chunk in range(0, num_seqs, SEQUENCE_CHUNK):
+        index = chunk + offs
+        inside = index < num_seqs
+        starts = tl.load(CuSeqlens + index, mask=inside, other=0).to(tl.int32)
+        ends = tl.load(CuSeqlens + index + 1, mask=inside, other=0).to(tl.int32)
+        counts = (ends - starts + BLOCK - 1) // BLOCK
+        tiles_end = carry + tl.cumsum(counts, 0)  # the tile number after each sequence's last
+        before = inside & (tiles_end <= tile)
+        sequence += tl.sum(before.to(tl.int32), 0)
+        tiles_before = tl.maximum(tiles_before, tl.max(tl.where(before, tiles_end, 0), 0))
+        carry += tl.sum(counts, 0)
+    found = sequence < num_seqs
+    return tl.minimum(sequence, num_seqs - 1), tile - tiles_before, unit, found
+
+
+@triton.jit
+def sequence_rows(CuSeqlensQ, CuSeqlensK, sequence):
+    """``(q_start, seqlen_q, k_start, seqlen_k)``: the first row and length of ``sequence`` among the packed
+    queries and keys."""
+    q_start = tl.load(CuSeqlensQ + sequence).to(tl.int32)
+    q_end = tl.load(CuSeqlensQ + sequence + 1).to(tl.int32)
+    k_start = tl.load(CuSeqlensK + sequence).to(tl.int32)
+    k_end = tl.load(CuSeqlensK + sequence + 1).to(tl.int32)
+    return q_start, q_end - q_start, k_start, k_end - k_start
+
+
+@triton.jit
+def program_work(CuSeqlensQ, CuSeqlensK, num_seqs, total_rows, seqlen_q, seqlen_k, num_blocks, batch_heads,
+                 num_programs, PERSISTENT: tl.constexpr, VARLEN: tl.constexpr, KEY_TILES: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """``(first, stop, step, seqlen_q, seqlen_k, packed)``: the tiles this program computes (as
+    ``program_tiles``), the lengths they see, and for a packed batch its tile's coordinates.
+
+    Fixed length: ``program_tiles``, the call's lengths and an unused ``packed``. ``VARLEN``: one tile of the
+    packed grid over the query blocks (or, ``KEY_TILES``, the key blocks, for dK/dV) of the sequences, none
+    for a program past the last tile; the lengths are its sequence's, and ``packed`` is ``(sequence, block,
+    unit, q_start, k_start)`` (``packed_tile``, ``sequence_rows``)."""
+    if VARLEN:
+        if KEY_TILES:
+            sequence, block, unit, found = packed_tile(CuSeqlensK, num_seqs, total_rows, BLOCK)
+        else:
+            sequence, block, unit, found = packed_tile(CuSeqlensQ, num_seqs, total_rows, BLOCK)
+        q_start, seqlen_q, k_start, seqlen_k = sequence_rows(CuSeqlensQ, CuSeqlensK, sequence)
+        packed = (sequence, block, unit, q_start, k_start)
+        first = 0
+        stop = found.to(tl.int32)
+        step = 1
+    else:
+        packed = (0, 0, 0, 0, 0)
+        first, stop, step = program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT)
+    return first, stop, step, seqlen_q, seqlen_k, packed
+
+
+@triton.jit
+def query_tile(tile, seqlen_q, batch_heads, num_heads_q, group_size, total_q, packed,
+               PERSISTENT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The query block of tile ``tile`` (forward and dQ): ``(batch * Hq + head, batch, head, key/value head,
+    first row, rows, q_index, k_index, stats_start)``.
+
+    Rows are counted from the sequence's start; ``q_index`` / ``k_index`` are what ``head_start`` takes as
+    the batch index of the query-side (Q, Out, dO, dQ) and key-side tensors, and ``stats_start`` the offset
+    of the sequence's row 0 in lse and delta. A fixed-length batch: ``query_block``'s block, the batch twice,
+    and ``(b * Hq + h) * Sq`` (lse is ``(B, Hq, Sq)``). A packed batch (``VARLEN``; ``packed`` is
+    ``(sequence, block, head, q_start, k_start)`` from ``packed_tile`` / ``sequence_rows``, ``seqlen_q`` the
+    sequence's): the batch is the sequence, the launcher passes row strides as batch strides so the
+    indices are the sequence's first rows, and lse is ``(Hq, total_q)``. Its blocks are taken last first,
+    as ``query_block`` takes them: under a bottom-right band the last is the heaviest.
+    """
+    if VARLEN:
+        batch, block, head, q_index, k_index = packed
+        batch_head = batch * num_heads_q + head
+        start_m = (tl.cdiv(seqlen_q, BLOCK_M) - 1 - block) * BLOCK_M
+        stats_start = head.to(tl.int64) * total_q + q_index
+        head_kv = head // group_size
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+    else:
+        batch_head, batch, head, head_kv, start_m, offs_m = query_block(
+            tile, seqlen_q, batch_heads, num_heads_q, group_size, PERSISTENT, BLOCK_M)
+        q_index = batch
+        k_index = batch
+        stats_start = batch_head.to(tl.int64) * seqlen_q
+    return batch_head, batch, head, head_kv, start_m, offs_m, q_index, k_index, stats_start
+
+
 @triton.jit
 def head_dim_offsets(HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr):

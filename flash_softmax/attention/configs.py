@@ -541,12 +541,23 @@ def ensure_descriptor_allocator() -> None:
     _allocator_installed = True
 
 
+def packed_tiles(total_rows: int, num_seqs: int, block: int) -> int:
+    """The tiles of a packed grid per head: a bound of ``sum(cdiv(len_n, block))`` over ``num_seqs``
+    sequences of ``total_rows`` rows in all, as the kernels compute it (``common.packed_tile_count``). It
+    exceeds the exact count by fewer than ``num_seqs``, and needs no lengths from the device."""
+    return (total_rows + num_seqs * (block - 1)) // block
+
+
 def grid_and_arguments(config: KernelConfig | None, launch_options: dict, rows: int, batch_heads: int,
-                       block_key: str, tensors: tuple, device_index: int = 0):
+                       block_key: str, tensors: tuple, device_index: int = 0, num_seqs: int | None = None):
     """``(grid, (batch_heads, num_programs), launch options)`` of one launch of a kernel with ``rows`` rows
     per head (queries for forward and dQ, keys for dK/dV) in blocks of ``block_key`` (``"BLOCK_M"`` or
     ``"BLOCK_N"``), over ``batch_heads`` heads. Turns TMA off where ``tensors`` (the ones the kernel reads
-    through descriptors) do not allow it; a persistent configuration gets one program per SM."""
+    through descriptors) do not allow it; a persistent configuration gets one program per SM.
+
+    ``num_seqs``: the ``rows`` are a packed batch of that many sequences (``VARLEN``): one program per tile
+    of ``packed_tiles`` and head, never persistent (a program finds its own tile, see
+    ``common.packed_tile``)."""
     if config is None:  # autotuning: any candidate may use descriptors
         if not INTERPRETED:
             ensure_descriptor_allocator()
@@ -555,13 +566,19 @@ def grid_and_arguments(config: KernelConfig | None, launch_options: dict, rows: 
             launch_options = {**launch_options, "USE_TMA": False}
         elif not INTERPRETED:
             ensure_descriptor_allocator()
-    if config is not None and config.persistent:
+    if config is not None and config.persistent and num_seqs is not None:
+        launch_options = {**launch_options, "PERSISTENT": False}
+    elif config is not None and config.persistent:
         tiles = cdiv(rows, launch_options[block_key]) * batch_heads
         programs = persistent_programs(tiles, device_index)
         return (lambda meta: (programs,)), (batch_heads, programs), launch_options
 
-    def grid(meta):
-        return (cdiv(rows, meta[block_key]) * batch_heads,)
+    if num_seqs is not None:
+        def grid(meta):
+            return (packed_tiles(rows, num_seqs, meta[block_key]) * batch_heads,)
+    else:
+        def grid(meta):
+            return (cdiv(rows, meta[block_key]) * batch_heads,)
 
     return grid, (batch_heads, 1), launch_options
 
@@ -587,9 +604,9 @@ def dbias_config(head_dim: int, head_dim_v: int) -> KernelConfig:
 #: Keys the autotuner separates results by (the seqlen ones are bucketed by the launchers).
 AUTOTUNE_KEY = [
     "SEQLEN_Q_BUCKET", "SEQLEN_K_BUCKET", "HEAD_DIM", "HEAD_DIM_V",
-    "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "BIAS_KIND",
+    "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "BIAS_KIND", "VARLEN",
 ]
 #: Size arguments that may equal 1: Triton would otherwise turn them into compile-time constants,
 #: recompiling per value and breaking code that treats them as runtime integers.
 RUNTIME_SIZES = ["num_heads_q", "group_size", "seqlen_q", "seqlen_k", "batch_heads", "num_programs",
-                 "head_splits"]
+                 "head_splits", "num_seqs", "total_q", "total_k"]

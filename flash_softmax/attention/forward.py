@@ -32,14 +32,14 @@ from flash_softmax.attention.common import (
     key_range,
     load_tile,
     matrix_descriptor,
-    program_tiles,
-    query_block,
+    program_work,
+    query_tile,
     score_tile,
     stage_bounds,
     tile_pointers,
 )
 from flash_softmax.attention.layout import empty_in_layout_of
-from flash_softmax.attention.options import KernelOptions
+from flash_softmax.attention.options import KernelOptions, PackedBatch, batch_stride, packed_operands
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def _attn_fwd_inner(
 
 @triton.jit(do_not_specialize=configs.RUNTIME_SIZES)
 def _attn_fwd_kernel(
-    Q, K, V, Bias, Sinks, Alibi, Rng, Out, LSE,
+    Q, K, V, Bias, Sinks, Alibi, Rng, CuSeqlensQ, CuSeqlensK, Out, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -108,12 +108,12 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
     softmax_scale, qk_scale, softcap_scale, softcap_log2, dropout_threshold, dropout_scale,
-    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs,
+    SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, batch_heads, num_programs, num_seqs, total_q, total_k,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INTERPRETED_BFLOAT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr,
+    USE_TMA: tl.constexpr, PARTITION_WARPS: tl.constexpr, PERSISTENT: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Output rows ``[block_m * BLOCK_M, (block_m + 1) * BLOCK_M)`` of one (batch, query head) per tile.
 
@@ -121,20 +121,28 @@ def _attn_fwd_kernel(
     each program then walking tiles ``pid, pid + num_programs, ...`` heaviest first (``batch_heads = B * Hq``).
     Last dims of Q/K/V/Out are contiguous; every other stride is passed, and the bias's broadcast dims have
     stride 0. ``Sinks (Hq,)``, ``Alibi`` (slopes, batch stride ``stride_ab``, 0 when shared) and ``Rng`` (dropout's
-    int64 ``(seed, offset)``) are read only under their switches."""
+    int64 ``(seed, offset)``) are read only under their switches.
+
+    ``VARLEN``: a packed batch of ``num_seqs`` sequences, the rows of sequence ``n`` being
+    ``CuSeqlensQ[n]:CuSeqlensQ[n + 1]`` of Q/Out (``total_q`` in all) and ``CuSeqlensK[n]:CuSeqlensK[n + 1]``
+    of K/V. The grid is ``packed_tile_count(total_q, num_seqs, BLOCK_M) * Hq`` (``packed_tile``), the batch
+    strides are the row strides, ``seqlen_q`` / ``seqlen_k`` become each sequence's own, and lse is
+    ``(Hq, total_q)``; ``Alibi``'s batch index and dropout's are the sequence's."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     seed, offset = dropout_state(Rng, HAS_DROPOUT)
-    first, stop, step = program_tiles(tl.cdiv(seqlen_q, BLOCK_M), batch_heads, num_programs, PERSISTENT)
+    first, stop, step, seqlen_q, seqlen_k, packed = program_work(
+        CuSeqlensQ, CuSeqlensK, num_seqs, total_q, seqlen_q, seqlen_k, tl.cdiv(seqlen_q, BLOCK_M), batch_heads,
+        num_programs, PERSISTENT, VARLEN, False, BLOCK_M)
     for tile in range(first, stop, step):
-        batch_head, batch, head, head_kv, start_m, offs_m = query_block(
-            tile, seqlen_q, batch_heads, num_heads_q, group_size, PERSISTENT, BLOCK_M)
+        batch_head, batch, head, head_kv, start_m, offs_m, q_index, k_index, stats_start = query_tile(
+            tile, seqlen_q, batch_heads, num_heads_q, group_size, total_q, packed, PERSISTENT, VARLEN, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d, offs_dv, mask_d, mask_dv = head_dim_offsets(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
 
-        q_head = head_start(Q, batch, head, stride_qb, stride_qh)
-        k_head = head_start(K, batch, head_kv, stride_kb, stride_kh)
-        v_head = head_start(V, batch, head_kv, stride_vb, stride_vh)
-        o_head = head_start(Out, batch, head, stride_ob, stride_oh)
+        q_head = head_start(Q, q_index, head, stride_qb, stride_qh)
+        k_head = head_start(K, k_index, head_kv, stride_kb, stride_kh)
+        v_head = head_start(V, k_index, head_kv, stride_vb, stride_vh)
+        o_head = head_start(Out, q_index, head, stride_ob, stride_oh)
         k_ptrs = tile_pointers(k_head, offs_n[None, :], offs_d[:, None], stride_kn)
         v_ptrs = tile_pointers(v_head, offs_n[:, None], offs_dv[None, :], stride_vn)
         bias_ptr = head_start(Bias, batch, head, stride_bb, stride_bh)
@@ -197,47 +205,57 @@ def _attn_fwd_kernel(
         else:
             tl.store(tile_pointers(o_head, offs_m[:, None], offs_dv[None, :], stride_om), out,
                      mask=row_ok[:, None] & mask_dv[None, :])
-        # lse is a (B * Hq, Sq) matrix.
-        tl.store(tile_pointers(LSE, batch_head, offs_m, seqlen_q), lse, mask=row_ok)
+        tl.store(LSE + stats_start + offs_m, lse, mask=row_ok)
 
 
 _attn_fwd_kernel_tuned = configs.autotune("forward", _attn_fwd_kernel)
 
 
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: KernelOptions
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: KernelOptions, packed: PackedBatch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
         q: ``(B, Hq, Sq, D)``, k: ``(B, Hkv, Sk, D)``, v: ``(B, Hkv, Sk, Dv)``, all with a contiguous last dim.
         options: scale, band, softcap, bias, sinks, ALiBi and dropout, already validated.
+        packed: for a packed batch, its sequences; q, k, v are then the packed ``(T, H, D)`` tensors as
+            ``(1, H, T, D)`` views.
 
     Returns:
         ``out (B, Hq, Sq, Dv)`` in q's dtype, and ``lse (B, Hq, Sq)`` float32 (base 2, -inf for a row
-        that sees no key).
+        that sees no key); for a packed batch ``out (T, Hq, Dv)`` contiguous and ``lse (Hq, T)``.
     """
     batch, heads_q, seqlen_q, _ = q.shape
-    out = empty_in_layout_of(q, (batch, heads_q, seqlen_q, v.shape[3]), q.dtype)  # q's (B, H, S) order
-    lse = torch.empty((batch, heads_q, seqlen_q), dtype=options.statistics_dtype(q), device=q.device)
+    statistics_dtype = options.statistics_dtype(q)
+    if packed is None:
+        out = empty_in_layout_of(q, (batch, heads_q, seqlen_q, v.shape[3]), q.dtype)  # q's (B, H, S) order
+        lse = torch.empty((batch, heads_q, seqlen_q), dtype=statistics_dtype, device=q.device)
+        results = out, lse
+    else:
+        results = (torch.empty((seqlen_q, heads_q, v.shape[3]), dtype=q.dtype, device=q.device),
+                   torch.empty((heads_q, seqlen_q), dtype=statistics_dtype, device=q.device))
+        out, lse = PackedBatch.as_batch(results[0]), results[1].unsqueeze(0)
     if out.numel() == 0:
-        return out, lse
+        return results
 
     bias, bias_strides = options.bias_operand(q)
-    selection = options.selection_arguments(q, k, v)
+    selection = options.selection_arguments(q, k, v, packed)
     kernel, config, launch = configs.launch("forward", _attn_fwd_kernel, _attn_fwd_kernel_tuned, *selection,
                                             modified=options.modified)
+    sequences, packed_sizes = packed_operands(packed, q, k)
     grid, programs, launch = configs.grid_and_arguments(
-        config, launch, seqlen_q, batch * heads_q, "BLOCK_M", (q, k, v, out), selection[-1])
+        config, launch, seqlen_q, batch * heads_q, "BLOCK_M", (q, k, v, out), selection[-1],
+        None if packed is None else packed.num_seqs)
     sinks, alibi, rng, *alibi_strides = options.modifier_operands(q)
     kernel[grid](
-        q, k, v, bias, sinks, alibi, rng, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        q, k, v, bias, sinks, alibi, rng, *sequences, out, lse,
+        batch_stride(q, packed), q.stride(1), q.stride(2),
+        batch_stride(k, packed), k.stride(1), k.stride(2),
+        batch_stride(v, packed), v.stride(1), v.stride(2),
         *bias_strides, *alibi_strides,
-        out.stride(0), out.stride(1), out.stride(2),
-        *options.runtime_arguments(q, k), *programs,
-        **options.constexprs(q, v), **launch,
+        batch_stride(out, packed), out.stride(1), out.stride(2),
+        *options.runtime_arguments(q, k, packed), *programs, *packed_sizes,
+        **options.constexprs(q, v), **launch, VARLEN=packed is not None,
     )
-    return out, lse
+    return results

@@ -31,9 +31,19 @@ from flash_softmax.attention.backward import attention_backward
 from flash_softmax.attention.checks import broadcast_attn_bias, pad_to_four_dims
 from flash_softmax.attention.forward import attention_forward
 from flash_softmax.attention.layout import empty_in_layout_of
-from flash_softmax.attention.options import KernelOptions
+from flash_softmax.attention.options import KernelOptions, PackedBatch
 
-__all__ = ["attention_forward_op", "attention_backward_op", "backward", "last_dim_contiguous", "setup_context"]
+__all__ = [
+    "attention_backward_op",
+    "attention_forward_op",
+    "attention_varlen_backward_op",
+    "attention_varlen_forward_op",
+    "backward",
+    "last_dim_contiguous",
+    "setup_context",
+    "varlen_backward",
+    "varlen_setup_context",
+]
 
 
 def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
@@ -156,3 +166,103 @@ def backward(ctx, dout, dlse):
 
 
 attention_forward_op.register_autograd(backward, setup_context=setup_context)
+
+
+# --- packed (variable-length) batches -------------------------------------------------------------------
+# ``torch.ops.flash_softmax.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes,
+# rng_state, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p)
+# -> (out, lse)`` and its backward op: the same launchers on ``(1, H, T, D)`` views of the packed tensors
+# (``PackedBatch.as_batch``), with no bias.
+
+
+def _varlen_options(sinks, alibi_slopes, rng_state, softmax_scale, window_left, window_right, softcap,
+                    dropout_p) -> KernelOptions:
+    return KernelOptions(softmax_scale, window_left, window_right, softcap, None, sinks, alibi_slopes, dropout_p,
+                         rng_state if dropout_p > 0 else None)
+
+
+@torch.library.custom_op("flash_softmax::attention_varlen_forward", mutates_args=())
+def attention_varlen_forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    sinks: torch.Tensor | None, alibi_slopes: torch.Tensor | None, rng_state: torch.Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int,
+    softmax_scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out (Tq, Hq, Dv)`` contiguous in q's dtype and ``lse (Hq, Tq)`` float32 in base 2 of a packed batch:
+    q ``(Tq, Hq, D)``, k ``(Tk, Hkv, D)``, v ``(Tk, Hkv, Dv)``, sequence ``n`` being rows
+    ``cu_seqlens_q[n]:cu_seqlens_q[n + 1]`` of q and ``cu_seqlens_k[n]:cu_seqlens_k[n + 1]`` of k and v.
+    Everything already validated (``check_varlen_inputs``); the other arguments as for
+    ``attention_forward_op``, with ``alibi_slopes`` ``(Hq,)`` or ``(N, Hq)``."""
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    options = _varlen_options(sinks, alibi_slopes, rng_state, softmax_scale, window_left, window_right, softcap,
+                              dropout_p)
+    packed = PackedBatch(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    record("attention_varlen_forward", backend_for(q.device))
+    with device_guard(q):
+        return attention_forward(*(PackedBatch.as_batch(t) for t in (q, k, v)), options, packed)
+
+
+@attention_varlen_forward_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes, rng_state, max_seqlen_q, max_seqlen_k,
+      softmax_scale, window_left, window_right, softcap, dropout_p):
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=KernelOptions.statistics_dtype(q))
+    return out, lse
+
+
+@torch.library.custom_op("flash_softmax::attention_varlen_backward", mutates_args=())
+def attention_varlen_backward_op(
+    dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    sinks: torch.Tensor | None, alibi_slopes: torch.Tensor | None, rng_state: torch.Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int,
+    softmax_scale: float, window_left: int, window_right: int, softcap: float, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv, dsinks`` of a packed batch from ``dout (Tq, Hq, Dv)`` (any strides), ``dlse (Hq, Tq)`` (the
+    base-2 lse's gradient, or None) and what the forward op saw and returned. dq, dk, dv are
+    ``torch.empty_like`` of q, k, v (their last dim made contiguous) filled; ``dsinks`` float32 ``(Hq,)``, or an
+    empty ``(0,)`` tensor without sinks."""
+    dout, q = last_dim_contiguous(dout), last_dim_contiguous(q)
+    k, v = last_dim_contiguous(k), last_dim_contiguous(v)
+    options = _varlen_options(sinks, alibi_slopes, rng_state, softmax_scale, window_left, window_right, softcap,
+                              dropout_p)
+    packed = PackedBatch(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    record("attention_varlen_backward", backend_for(q.device))
+    batch_views = (PackedBatch.as_batch(t) for t in (dout, q, k, v, out))
+    with device_guard(q):
+        dq, dk, dv, dsinks, _ = attention_backward(
+            *batch_views, lse.unsqueeze(0), options, None if dlse is None else dlse.unsqueeze(0), None, packed)
+    if dsinks is None:
+        dsinks = q.new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, dsinks
+
+
+@attention_varlen_backward_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes, rng_state, max_seqlen_q,
+      max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p):
+    dq, dk, dv = (torch.empty_like(last_dim_contiguous(t)) for t in (q, k, v))
+    return dq, dk, dv, q.new_empty((q.shape[1],) if sinks is not None else (0,), dtype=torch.float32)
+
+
+def varlen_setup_context(ctx, inputs, output) -> None:
+    """The varlen forward op's autograd context, as ``setup_context``: the packed tensors, the cumulative
+    lengths, the sinks, slopes and random state, and the scalars."""
+    q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes, rng_state, *scalars = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes, rng_state)
+    ctx.scalars = tuple(scalars)
+    ctx.set_materialize_grads(False)
+
+
+def varlen_backward(ctx, dout, dlse):
+    """The varlen forward op's derivative: gradients for q, k, v and the sinks."""
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes, rng_state = ctx.saved_tensors
+    if dout is None:  # only the lse reached the loss
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dsinks = attention_varlen_backward_op(
+        dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes, rng_state, *ctx.scalars)
+    dsinks = dsinks.to(sinks.dtype) if sinks is not None and ctx.needs_input_grad[5] else None
+    return (dq, dk, dv, None, None, dsinks) + (None,) * 9
+
+
+attention_varlen_forward_op.register_autograd(varlen_backward, setup_context=varlen_setup_context)

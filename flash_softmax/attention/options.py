@@ -21,6 +21,54 @@ _DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
+class PackedBatch:
+    """The sequences of a packed (variable-length) batch, already validated.
+
+    ``cu_seqlens_q`` / ``cu_seqlens_k``: int32 or int64 ``(N + 1,)`` cumulative lengths on the inputs'
+    device (sequence ``n`` is rows ``cu[n]:cu[n + 1]``); ``max_seqlen_q`` / ``max_seqlen_k``: bounds of the
+    lengths, which choose the tile configuration (they never bound what a kernel reads). The launchers take
+    the packed ``(T, H, D)`` tensors as ``(1, H, T, D)`` views.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens_q.shape[0] - 1
+
+    @property
+    def max_lengths(self) -> tuple[int, int]:
+        return self.max_seqlen_q, self.max_seqlen_k
+
+    @staticmethod
+    def as_batch(packed_tensor: torch.Tensor) -> torch.Tensor:
+        """The launchers' ``(1, H, T, D)`` view of a packed ``(T, H, D)`` tensor (no copy)."""
+        return packed_tensor.unsqueeze(0).transpose(1, 2)
+
+    @staticmethod
+    def as_packed(batch_view: torch.Tensor) -> torch.Tensor:
+        """The packed ``(T, H, D)`` tensor seen by ``as_batch``'s ``(1, H, T, D)`` view."""
+        return batch_view[0].transpose(0, 1)
+
+
+def packed_operands(packed: PackedBatch | None, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """``(CuSeqlensQ, CuSeqlensK)`` and ``(num_seqs, total_q, total_k)`` of the kernels: for a fixed-length
+    call any valid pointers (never read, ``VARLEN`` is off) and zeros."""
+    if packed is None:
+        return (q, q), (0, 0, 0)
+    return (packed.cu_seqlens_q, packed.cu_seqlens_k), (packed.num_seqs, q.shape[2], k.shape[2])
+
+
+def batch_stride(tensor: torch.Tensor, packed: PackedBatch | None) -> int:
+    """The stride a kernel multiplies its batch index by: the batch's, or for a packed batch (whose index
+    is a sequence's first row) the rows'."""
+    return tensor.stride(0) if packed is None else tensor.stride(2)
+
+
+@dataclass(frozen=True)
 class KernelOptions:
     """Everything but the tensors q, k, v that the kernels need.
 
@@ -72,15 +120,17 @@ class KernelOptions:
             return sinks, slopes, rng, 0, slopes.stride(0)
         return sinks, slopes, rng, slopes.stride(0), slopes.stride(1)
 
-    def runtime_arguments(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    def runtime_arguments(self, q: torch.Tensor, k: torch.Tensor, packed: PackedBatch | None = None) -> tuple:
         """Sizes, band, scales and dropout's threshold and rescale, in the order every attention kernel
-        declares them."""
-        heads_q, seqlen_q = q.shape[1], q.shape[2]
-        heads_kv, seqlen_k = k.shape[1], k.shape[2]
+        declares them. A packed batch (``q (1, Hq, Tq, D)``) passes its longest lengths as the lengths,
+        which only key the tuning (each program reads its sequence's own)."""
+        heads_q, heads_kv = q.shape[1], k.shape[1]
+        seqlen_q, seqlen_k = (q.shape[2], k.shape[2]) if packed is None else packed.max_lengths
         softcap = self.softcap
         # A bound of Sq + Sk or more already reaches every key; clamping keeps the kernels' int32 index
-        # arithmetic (start + block + diagonal + bound) from wrapping around for huge bounds.
-        reach = seqlen_q + seqlen_k
+        # arithmetic (start + block + diagonal + bound) from wrapping around for huge bounds. (All the rows
+        # of a packed batch bound any sequence's lengths, whatever its stated maxima.)
+        reach = q.shape[2] + k.shape[2]
         return (
             heads_q, heads_q // heads_kv, seqlen_q, seqlen_k,
             min(max(self.window_left, 0), reach), min(max(self.window_right, 0), reach),
@@ -90,13 +140,16 @@ class KernelOptions:
             configs.length_bucket(seqlen_q), configs.length_bucket(seqlen_k),
         )
 
-    def selection_arguments(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    def selection_arguments(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            packed: PackedBatch | None = None) -> tuple:
         """What ``configs.launch`` chooses a configuration by: dtype name and size, head dims, whether the
-        band is causal-like (bounded on the right), the lengths, and the device index."""
+        band is causal-like (bounded on the right), the lengths (a packed batch's longest), and the device
+        index."""
+        seqlen_q, seqlen_k = (q.shape[2], k.shape[2]) if packed is None else packed.max_lengths
         return (
             _DTYPE_NAMES.get(q.dtype) or str(q.dtype).removeprefix("torch."), q.element_size(),
             q.shape[3], v.shape[3],
-            self.window_right >= 0, q.shape[2], k.shape[2], q.device.index or 0,
+            self.window_right >= 0, seqlen_q, seqlen_k, q.device.index or 0,
         )
 
     @staticmethod
