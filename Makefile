@@ -32,7 +32,7 @@ test: setup
 # info, the suite compiled on the GPU, `flash-softmax tune`, the benchmark sweeps; $(OUT)/summary.txt).
 # `gpu-dry-run` runs the same script at tiny sizes in Triton's interpreter, on any machine.
 # Without a time limit: `gpu-test` runs the whole suite and the full verify grid, `gpu-bench` the default
-# benchmark sweeps (attention and softmax), `gpu-example` the GPT example at full size with both attentions.
+# benchmark sweeps (attention, softmax and a packed varlen batch), `gpu-example` the GPT example at full size with both attentions.
 gpu:
 	OUT=$(OUT) PYTHON=$(PYTHON) scripts/gpu_check.sh
 
@@ -50,6 +50,7 @@ gpu-bench:
 	PYTHONPATH=. $(PYTHON) -m flash_softmax bench --out $(OUT)/results 2>&1 | tee $(OUT)/bench.txt
 	PYTHONPATH=. $(PYTHON) -m flash_softmax bench --op softmax --out $(OUT)/results 2>&1 | tee $(OUT)/bench_softmax.txt
 	PYTHONPATH=. $(PYTHON) -m flash_softmax bench --op log_softmax --out $(OUT)/results 2>&1 | tee $(OUT)/bench_log_softmax.txt
+	PYTHONPATH=. $(PYTHON) -m flash_softmax bench --varlen --out $(OUT)/results 2>&1 | tee $(OUT)/bench_varlen.txt
 
 gpu-example:
 	mkdir -p $(OUT)

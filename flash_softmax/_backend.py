@@ -87,7 +87,7 @@ def stats() -> dict[str, dict[str, int]]:
     """Calls so far, by op and path, and the fallbacks by reason.
 
     Returns ``{op: {path: calls}}`` for the ops ``attention_forward``, ``attention_backward``,
-    ``softmax_forward``, ``softmax_backward`` and ``scaled_dot_product_attention`` (paths ``"triton"``:
+    ``attention_varlen_forward``, ``attention_varlen_backward``, ``softmax_forward``, ``softmax_backward`` and ``scaled_dot_product_attention`` (paths ``"triton"``:
     compiled kernels, ``"triton-interpreter"``, ``"torch"``), only those with calls, and under
     ``"fallbacks"`` ``{"op: reason": calls}``. A backward on the PyTorch path is PyTorch's autograd and is
     not counted. A fresh dict each time; :func:`reset_stats` zeroes the counts.

@@ -112,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--full", dest="grid", action="store_const", const="full",
                       help="the full grid: every length x head dim x causal x dtype (the default on a GPU)")
     _add_shape_flags(verify)
-    verify.add_argument("--ops", nargs="+", choices=("attention", "softmax"), default=["attention", "softmax"],
-                        help="which ops to verify (default: both)")
+    verify.add_argument("--ops", nargs="+", choices=("attention", "varlen", "softmax"),
+                        default=["attention", "varlen", "softmax"],
+                        help="which ops to verify: attention, varlen (flash_attention_varlen on packed sequences; "
+                        "the quick and full grids only) and softmax (default: all three)")
     verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
 
     bench = commands.add_parser(
@@ -134,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="query heads per key/value head (grouped-query attention; default 1)")
     bench.add_argument("--window", type=_non_negative_int, metavar="W",
                        help="sliding window: W keys on each side of the diagonal (left only when causal)")
+    bench.add_argument("--varlen", action="store_true",
+                       help="time attention over one packed batch of sequences of mixed lengths: "
+                       "flash_attention_varlen against flash_attention and SDPA on the batch padded to the longest "
+                       "sequence, and FlexAttention with a document mask; TFLOP/s and tokens/s count the real tokens "
+                       "only; writes attention_varlen.csv")
+    bench.add_argument("--varlen-tokens", type=_positive_int, metavar="T",
+                       help="with --varlen: draw sequences until their lengths add up to T tokens (default 32768; 64 "
+                       "without a GPU)")
+    bench.add_argument("--varlen-sequences", type=_positive_int, metavar="N",
+                       help="with --varlen: draw exactly N sequences instead of a token total")
+    bench.add_argument("--varlen-lengths", type=_positive_int, nargs=2, metavar=("MIN", "MAX"),
+                       help="with --varlen: the range the lengths are drawn from, uniformly (default 128 8192; 8 32 "
+                       "without a GPU)")
+    bench.add_argument("--varlen-seed", type=_non_negative_int, metavar="S",
+                       help="with --varlen: the seed of the lengths (default 0)")
     bench.add_argument("--cols", type=_positive_int, nargs="+", metavar="N",
                        help="softmax row lengths (--op softmax / log_softmax)")
     bench.add_argument("--rows", type=_positive_int, help="fix the row count (--op softmax / log_softmax)")

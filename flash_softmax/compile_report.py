@@ -287,7 +287,7 @@ def attention_constexprs(head_dim: int, causal: bool) -> dict:
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=width, BLOCK_DV=width,
         HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False, BIAS_KIND=0, ACC_DTYPE=tl.float32,
         HAS_SINKS=False, HAS_ALIBI=False, HAS_DROPOUT=False,
-        INTERPRETED_BFLOAT16=False,
+        INTERPRETED_BFLOAT16=False, VARLEN=False,
     )
 
 

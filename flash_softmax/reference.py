@@ -12,8 +12,8 @@ import torch
 
 from flash_softmax._random import DROPOUT_BITS, dropout_rng_state, dropout_threshold
 
-__all__ = ["attention", "softmax", "log_softmax", "compute_dtype", "band_mask", "alibi_bias", "dropout_keep_mask",
-           "philox"]
+__all__ = ["attention", "attention_varlen", "softmax", "log_softmax", "compute_dtype", "band_mask", "alibi_bias",
+           "dropout_keep_mask", "philox"]
 
 _MASK32 = 0xFFFFFFFF
 # Philox-4x32's round multipliers and key increments (Salmon et al., "Parallel random numbers: as easy as
@@ -83,15 +83,27 @@ def philox(seed: int | torch.Tensor, c0, c1, c2, c3, rounds: int = 10) -> tuple[
 
 
 def dropout_keep_mask(
-    rng_state: torch.Tensor, dropout_p: float, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
+    rng_state: torch.Tensor, dropout_p: float, batch: int, heads: int, seqlen_q: int, seqlen_k: int, *,
+    batch_index: int | None = None,
 ) -> torch.Tensor:
     """Bool ``(B, H, Sq, Sk)``: which probabilities dropout keeps for the ``(seed, offset)`` pair ``rng_state``
     (see ``flash_softmax._random``): element ``(b, h, i, j)`` is kept iff the top 31 bits of the first word
-    of ``philox(seed, (j, i, b * H + h, offset))`` reach ``round(p * 2**31)``. Built on the CPU."""
+    of ``philox(seed, (j, i, b * H + h, offset))`` reach ``round(p * 2**31)``. Built on the CPU.
+
+    With ``batch_index`` (an int in ``[0, B)``) only that batch's slice is built, ``(1, H, Sq, Sk)``, equal to
+    ``dropout_keep_mask(...)[batch_index:batch_index + 1]``: what ``attention_varlen`` takes for one sequence
+    of a packed batch, without building the mask of every sequence at the longest one's size.
+    """
     seed, offset = (int(x) for x in rng_state.detach().cpu().tolist())
     cols = torch.arange(seqlen_k, dtype=torch.int64)[None, None, None, :]
     rows = torch.arange(seqlen_q, dtype=torch.int64)[None, None, :, None]
-    heads_index = torch.arange(batch * heads, dtype=torch.int64).view(batch, heads, 1, 1)
+    if batch_index is None:
+        heads_index = torch.arange(batch * heads, dtype=torch.int64).view(batch, heads, 1, 1)
+    else:
+        if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < batch:
+            raise ValueError(f"batch_index must be an int in [0, {batch}) (the batch size), got {batch_index!r}")
+        first = batch_index * heads
+        heads_index = torch.arange(first, first + heads, dtype=torch.int64).view(1, heads, 1, 1)
     word, _, _, _ = philox(seed, cols, rows, heads_index, offset)
     return (word >> (32 - DROPOUT_BITS)) >= dropout_threshold(dropout_p)
 
@@ -188,6 +200,106 @@ def attention(
     out = torch.matmul(probs, vc).to(q.dtype)
     if return_lse:
         return out, lse.masked_fill(empty_row, float("-inf")).squeeze(-1).float()
+    return out
+
+
+def _sequence_offsets(name: str, cu_seqlens: torch.Tensor, total: int, total_name: str) -> list[int]:
+    """The offsets of ``cu_seqlens`` as Python ints, after checking that they describe a packed batch: a 1-d
+    integer tensor of ``N + 1`` offsets that starts at 0, never decreases and ends at ``total``. (The reference
+    reads the values; the kernels' checks cannot, since that would synchronise with the GPU.)"""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        given = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {given}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0:
+        raise ValueError(f"{name} must be 1-d with N + 1 >= 1 offsets, got shape {tuple(cu_seqlens.shape)}")
+    offsets = [int(offset) for offset in cu_seqlens.detach().cpu().tolist()]
+    if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{name} must start at 0, never decrease and end at {total_name} = {total}, got {offsets}")
+    return offsets
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    upcast: bool = True,
+    rng_state: torch.Tensor | None = None,
+):
+    """Attention over sequences packed along dim 0, with the semantics of ``flash_softmax.flash_attention_varlen``:
+    a loop over the sequences, each one a batch-1 call of :func:`attention`.
+
+    Sequence ``n`` is query rows ``cu_seqlens_q[n]:cu_seqlens_q[n + 1]`` and key rows
+    ``cu_seqlens_k[n]:cu_seqlens_k[n + 1]``; its queries see only its keys, with causal masks, windows and ALiBi
+    aligned to the bottom-right corner of its own ``sq_n x sk_n`` score matrix. Sequences of length 0 (on
+    either side) are allowed anywhere; a query row that sees no key gives 0 and lse ``-inf`` (the sink).
+
+    Args:
+        q: ``(Tq, Hq, D)``: the queries of all ``N`` sequences, one after another.
+        k: ``(Tk, Hkv, D)``, ``Hq % Hkv == 0``.
+        v: ``(Tk, Hkv, Dv)``.
+        cu_seqlens_q, cu_seqlens_k: int32 or int64 ``(N + 1,)`` offsets, starting at 0, nondecreasing, ending
+            at ``Tq`` / ``Tk``.
+        causal, softmax_scale, window_size, softcap, sinks, dropout_p, return_lse, upcast: as in
+            :func:`attention`; ``softmax_scale`` defaults to ``1 / sqrt(D)``. Gradients reach q, k, v and sinks.
+        alibi_slopes: ``(Hq,)``, or ``(N, Hq)`` whose row ``n`` is sequence ``n``'s.
+        rng_state: with ``dropout_p > 0``, dropout's ``(seed, offset)`` pair; when None it is drawn once, as
+            ``flash_attention_varlen`` draws it. Element ``(h, i, j)`` of sequence ``n`` (``i``, ``j`` counted
+            within the sequence) is dropped as element ``(n, h, i, j)`` of a batch of ``N`` in
+            ``flash_attention``: ``dropout_keep_mask(rng_state, p, N, Hq, sq_n, sk_n, batch_index=n)``.
+
+    Returns:
+        ``out (Tq, Hq, Dv)`` in q's dtype, and with ``return_lse`` also ``lse (Hq, Tq)`` float32 (natural log).
+    """
+    total_q, heads_q = q.shape[0], q.shape[1]
+    starts_q = _sequence_offsets("cu_seqlens_q", cu_seqlens_q, total_q, "Tq (q.shape[0])")
+    starts_k = _sequence_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], "Tk (k.shape[0])")
+    sequences = len(starts_q) - 1
+    if len(starts_k) != len(starts_q):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must hold the same number of sequences, got "
+                         f"{sequences} and {len(starts_k) - 1}")
+    if alibi_slopes is not None and alibi_slopes.shape not in ((heads_q,), (sequences, heads_q)):
+        raise ValueError(f"alibi_slopes must have shape (Hq,) = ({heads_q},) or (N, Hq) = ({sequences}, {heads_q}), "
+                         f"got {tuple(alibi_slopes.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    if dropout_p > 0 and rng_state is None:
+        rng_state = dropout_rng_state(q.device)  # once for the whole batch, as the kernel draws it
+
+    outputs, lses = [], []
+    for index in range(sequences):
+        rows_q = slice(starts_q[index], starts_q[index + 1])
+        rows_k = slice(starts_k[index], starts_k[index + 1])
+        # (S, H, D) rows seen as a batch of one (1, H, S, D): a view, so gradients flow back into the packed rows.
+        q_n, k_n, v_n = (tensor[rows].transpose(0, 1).unsqueeze(0) for tensor, rows in
+                         ((q, rows_q), (k, rows_k), (v, rows_k)))
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[index]
+        dropout_mask = None
+        if dropout_p > 0:
+            dropout_mask = dropout_keep_mask(rng_state, dropout_p, sequences, heads_q, q_n.shape[2], k_n.shape[2],
+                                             batch_index=index).to(q.device)
+        out_n, lse_n = attention(q_n, k_n, v_n, causal=causal, softmax_scale=scale, window_size=window_size,
+                                 softcap=softcap, sinks=sinks, alibi_slopes=slopes, dropout_p=dropout_p,
+                                 return_lse=True, upcast=upcast, dropout_mask=dropout_mask)
+        outputs.append(out_n[0].transpose(0, 1))  # (sq_n, Hq, Dv)
+        lses.append(lse_n[0])  # (Hq, sq_n)
+    if not outputs:  # no sequence at all: Tq == Tk == 0
+        outputs.append(q.new_zeros(0, heads_q, v.shape[-1]))
+        lses.append(torch.zeros(heads_q, 0, dtype=torch.float32, device=q.device))
+    out = torch.cat(outputs, dim=0)
+    if return_lse:
+        return out, torch.cat(lses, dim=1)
     return out
 
 

@@ -16,6 +16,10 @@ The score modifiers (:data:`MODIFIER_ATTENTION`) add gradients to check: ``dsink
 and ``dbias`` for a float bias that requires grad; in cases whose loss also uses the lse, every gradient
 carries the lse's part too. A dropout case seeds torch's generators before each of the three runs, so the
 kernel and both references drop the same elements.
+
+The packed cases (:class:`VarlenCase`, :data:`QUICK_VARLEN`, :func:`full_varlen_grid`; ``--ops varlen``) check
+``flash_attention_varlen`` the same way against ``reference.attention_varlen``: several sequences of odd
+lengths (one of them empty, queries and keys of different lengths) concatenated along dim 0.
 """
 
 from __future__ import annotations
@@ -36,15 +40,18 @@ from flash_softmax.bench.attention import DROPOUT_P as BENCH_DROPOUT_P
 from flash_softmax.testing import GRADIENT_FACTOR, OUTPUT_FACTOR, Comparison, compare
 
 #: The functions under test, looked up at every call. None means the package's own function
-#: (``flash_attention``, ``softmax``, ``log_softmax``); tests put a deliberately wrong one here to see
-#: ``verify`` fail.
-KERNELS: dict[str, Callable | None] = {"attention": None, "softmax": None, "log_softmax": None}
+#: (``flash_attention``, ``flash_attention_varlen``, ``softmax``, ``log_softmax``); tests put a deliberately
+#: wrong one here to see ``verify`` fail.
+KERNELS: dict[str, Callable | None] = {"attention": None, "attention_varlen": None, "softmax": None,
+                                       "log_softmax": None}
 
-_PACKAGE_FUNCTIONS = {"attention": "flash_attention", "softmax": "softmax", "log_softmax": "log_softmax"}
+_PACKAGE_FUNCTIONS = {"attention": "flash_attention", "attention_varlen": "flash_attention_varlen",
+                      "softmax": "softmax", "log_softmax": "log_softmax"}
 
 
 def kernel(name: str) -> Callable:
-    """The function ``verify`` checks for ``name`` ("attention", "softmax" or "log_softmax")."""
+    """The function ``verify`` checks for ``name`` ("attention", "attention_varlen", "softmax" or
+    "log_softmax"). Raises ``AttributeError`` where the package does not have it."""
     chosen = KERNELS[name]
     if chosen is not None:
         return chosen
@@ -124,6 +131,85 @@ class AttentionCase:
             parts.append("sinks")
         if self.alibi is not None:
             parts.append("alibi (Hq,)" if self.alibi == "heads" else "alibi (B,Hq)")
+        if self.dropout_p > 0:
+            parts.append(f"dropout={self.dropout_p:g}")
+        if self.lse_loss:
+            parts.append("lse in loss")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class VarlenCase:
+    """One packed attention problem for ``flash_attention_varlen``: sequence ``n`` has ``seqlens_q[n]`` queries
+    and ``seqlens_k[n]`` keys, all sequences concatenated along dim 0 (q ``(sum(seqlens_q), Hq, D)``). Optional
+    fields left at their defaults are not passed to the kernel; the fields mean what they mean in
+    :class:`AttentionCase`, except that per-sequence ALiBi slopes are ``alibi="sequences"``, ``(N, Hq)``."""
+
+    seqlens_q: tuple[int, ...]
+    seqlens_k: tuple[int, ...]
+    head_dim: int
+    causal: bool
+    dtype: str
+    heads: int = 2
+    heads_kv: int | None = None
+    head_dim_v: int | None = None
+    window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    sinks: bool = False
+    alibi: str | None = None  # ALiBi slopes: "heads" of shape (Hq,), "sequences" of shape (N, Hq)
+    dropout_p: float = 0.0
+    lse_loss: bool = False
+
+    def __post_init__(self):
+        if len(self.seqlens_q) != len(self.seqlens_k):
+            raise ValueError(f"seqlens_q and seqlens_k: expected one length each per sequence, got "
+                             f"{len(self.seqlens_q)} and {len(self.seqlens_k)}")
+        if any(length < 0 for length in self.seqlens_q + self.seqlens_k):
+            raise ValueError(f"seqlens_q, seqlens_k: expected lengths >= 0, got {self.seqlens_q} and {self.seqlens_k}")
+        if self.alibi not in (None, "heads", "sequences"):
+            raise ValueError(f"alibi: expected None, 'heads' or 'sequences', got {self.alibi!r}")
+        if not 0.0 <= self.dropout_p < 1.0:
+            raise ValueError(f"dropout_p: expected a probability in [0, 1), got {self.dropout_p}")
+
+    def requires(self) -> set[str]:
+        """``"varlen"`` (the package has ``flash_attention_varlen``) and ``"varlen <keyword>"`` for each keyword
+        option the case passes (grouped heads and ``Dv != D`` are part of the function's contract)."""
+        needed = {"varlen"}
+        if self.window_size != (-1, -1):
+            needed.add("varlen window_size")
+        if self.softcap > 0:
+            needed.add("varlen softcap")
+        if self.sinks:
+            needed.add("varlen sinks")
+        if self.alibi is not None:
+            needed.add("varlen alibi_slopes")
+        if self.dropout_p > 0:
+            needed.add("varlen dropout_p")
+        return needed
+
+    @property
+    def label(self) -> str:
+        heads_kv = self.heads_kv or self.heads
+        head_dim_v = self.head_dim_v or self.head_dim
+        heads = f"H{self.heads}" + (f"/{heads_kv}" if heads_kv != self.heads else "")
+        dims = f"D{self.head_dim}" + (f"/{head_dim_v}" if head_dim_v != self.head_dim else "")
+        lengths = ",".join(map(str, self.seqlens_q))
+        if self.seqlens_k != self.seqlens_q:
+            lengths = f"q=({lengths}) k=({','.join(map(str, self.seqlens_k))})"
+        else:
+            lengths = f"q=k=({lengths})"
+        parts = [f"attention_varlen {self.dtype}", f"N{len(self.seqlens_q)} {heads} Tq{sum(self.seqlens_q)} "
+                 f"Tk{sum(self.seqlens_k)} {dims}", lengths]
+        if self.causal:
+            parts.append("causal")
+        if self.window_size != (-1, -1):
+            parts.append(f"window={self.window_size}")
+        if self.softcap > 0:
+            parts.append(f"softcap={self.softcap:g}")
+        if self.sinks:
+            parts.append("sinks")
+        if self.alibi is not None:
+            parts.append("alibi (Hq,)" if self.alibi == "heads" else "alibi (N,Hq)")
         if self.dropout_p > 0:
             parts.append(f"dropout={self.dropout_p:g}")
         if self.lse_loss:
@@ -212,6 +298,45 @@ FULL_MODIFIER_HEAD_DIMS = [64, 128]
 #: ``--modifiers`` (shared with ``bench``) as ``AttentionCase`` fields: the modifier the benchmark times.
 SWEEP_MODIFIERS = {"sinks": dict(sinks=True), "alibi": dict(alibi="heads"), "dropout": dict(dropout_p=BENCH_DROPOUT_P),
                    "bias": dict(bias="float", bias_grad=True)}
+
+#: Packed batches for the interpreter (a few hundred tokens each): odd lengths, an empty sequence (first, in the
+#: middle or last), a sequence of one token, queries and keys of different lengths per sequence (causal rows
+#: that see no key; a sequence with queries and no keys, one with keys and no queries), and each option.
+QUICK_VARLEN = [
+    VarlenCase((37, 0, 64, 1, 90), (37, 0, 64, 1, 90), 64, True, "float16"),
+    VarlenCase((17, 40, 0, 65), (33, 25, 12, 65), 40, False, "bfloat16", heads=4, heads_kv=2),
+    VarlenCase((30, 1, 50, 7), (20, 0, 80, 7), 64, True, "float32", sinks=True, lse_loss=True),
+    VarlenCase((60, 3, 45, 0), (70, 9, 45, 0), 59, False, "float16", window_size=(16, 4), alibi="sequences"),
+    VarlenCase((0, 33, 71), (20, 65, 71), 64, True, "bfloat16", head_dim_v=40, alibi="heads", dropout_p=0.17),
+    VarlenCase((45, 20, 64), (45, 20, 64), 128, True, "float16", heads=4, heads_kv=1, softcap=2.0, sinks=True),
+]
+
+#: The GPU grid's packed batches, lengths 1 to 2048 and several thousand tokens in all: self-attention (equal
+#: lengths) and Sq != Sk per sequence, each with an empty sequence and a sequence of one token.
+FULL_VARLEN_BATCHES = [
+    ((1, 2048, 0, 777, 1500, 129, 63, 1024), (1, 2048, 0, 777, 1500, 129, 63, 1024)),
+    ((300, 2048, 5, 0, 1023, 640, 1, 1999), (1200, 700, 2048, 33, 0, 1999, 1, 640)),
+]
+FULL_VARLEN_HEAD_DIMS = [64, 128]
+#: Each option alone (as ``VarlenCase`` fields) on the second batch, head dim 128.
+FULL_VARLEN_MODIFIERS = [dict(sinks=True), dict(alibi="heads"), dict(alibi="sequences"), dict(dropout_p=0.1),
+                         dict(window_size=(256, 64)), dict(softcap=20.0), dict(heads=8, heads_kv=2),
+                         dict(head_dim_v=96), dict(lse_loss=True)]
+
+
+def full_varlen_grid() -> list[VarlenCase]:
+    """The packed cases of the GPU grid: each batch x head dim x causal x dtype, then each option alone."""
+    cases = [
+        VarlenCase(seqlens_q, seqlens_k, head_dim, causal, dtype)
+        for (seqlens_q, seqlens_k), head_dim, causal, dtype in itertools.product(
+            FULL_VARLEN_BATCHES, FULL_VARLEN_HEAD_DIMS, (False, True), ALL_DTYPES)
+    ]
+    seqlens_q, seqlens_k = FULL_VARLEN_BATCHES[1]
+    cases += [
+        VarlenCase(seqlens_q, seqlens_k, 128, causal, dtype, **modifier)
+        for modifier, causal, dtype in itertools.product(FULL_VARLEN_MODIFIERS, (False, True), ALL_DTYPES)
+    ]
+    return cases
 
 
 def _softmax_cases(op: str, specs: Iterable[tuple]) -> list[SoftmaxCase]:
@@ -315,6 +440,17 @@ def attention_features(function: Callable, device: torch.device) -> set[str]:
     return features
 
 
+def varlen_features() -> set[str]:
+    """What :class:`VarlenCase` may require: ``"varlen"`` where the package has ``flash_attention_varlen`` (or a
+    kernel is put in :data:`KERNELS`), and ``"varlen <keyword>"`` for each keyword option its signature takes."""
+    try:
+        function = kernel("attention_varlen")
+    except AttributeError:
+        return set()
+    keywords = (name for name in _KEYWORD_FEATURES if name != "attn_bias" and _accepts_keyword(function, name))
+    return {"varlen", *(f"varlen {name}" for name in keywords)}
+
+
 # ------------------------------------------------------------------------------------------ checking
 
 
@@ -351,16 +487,15 @@ def _attention_bias(case: AttentionCase, generator: torch.Generator, dtype: torc
     return (torch.rand(shape, generator=generator) < 0.8).to(device)
 
 
-def _sinks(case: AttentionCase, generator: torch.Generator, dtype: torch.dtype, device) -> torch.Tensor:
+def _sinks(heads: int, seqlen_k: float, generator: torch.Generator, dtype: torch.dtype, device) -> torch.Tensor:
     """(Hq,) sink logits in the input dtype (a model's parameter), around log(Sk): the sink then takes a share
     of each row comparable with the keys', where a standard normal one would be lost beside a hundred keys."""
-    return _randn((case.heads,), generator, torch.float32, "cpu").add_(math.log(case.seqlen_k)).to(device, dtype)
+    return _randn((heads,), generator, torch.float32, "cpu").add_(math.log(max(seqlen_k, 1))).to(device, dtype)
 
 
-def _alibi_slopes(case: AttentionCase, generator: torch.Generator, device) -> torch.Tensor:
-    """float32 slopes in [0, 0.5): (Hq,) for ``alibi="heads"``, (B, Hq) for ``"batch"``; at the larger ones a
+def _alibi_slopes(shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:
+    """float32 slopes in [0, 0.5) of ``shape`` ((Hq,), or one row per batch or sequence); at the larger ones a
     query hardly sees keys a few dozen positions away, at the smaller ones it sees them all."""
-    shape = (case.heads,) if case.alibi == "heads" else (case.batch, case.heads)
     return (0.5 * torch.rand(shape, generator=generator)).to(device)
 
 
@@ -382,18 +517,19 @@ def _seeded(seed: int, device: torch.device, dropout_p: float):
 
 
 def _attention_run(function: Callable, leaves: dict[str, torch.Tensor], dout: torch.Tensor,
-                   dlse: torch.Tensor | None, options: dict, seed: int, **extra):
+                   dlse: torch.Tensor | None, options: dict, seed: int, arguments: tuple = (), **extra):
     """Output, lse and the gradient of every leaf, by name (dq, dk, dv, and dbias / dsinks where
-    ``leaves`` has ``attn_bias`` / ``sinks``), of ``function`` on fresh copies of ``leaves``.
+    ``leaves`` has ``attn_bias`` / ``sinks``), of ``function(q, k, v, *arguments, ...)`` on fresh copies of
+    ``leaves`` (``arguments``: the varlen offsets).
 
-    The loss is ``sum(out * dout)``, plus ``sum(lse * dlse)`` when ``dlse`` (B, Hq, Sq) is given. With dropout
+    The loss is ``sum(out * dout)``, plus ``sum(lse * dlse)`` when ``dlse`` (lse's shape) is given. With dropout
     the default generators are seeded with ``seed`` for the call (see :func:`_seeded`).
     """
     fresh = {name: tensor.detach().clone().requires_grad_() for name, tensor in leaves.items()}
     q, k, v = fresh["q"], fresh["k"], fresh["v"]
     keywords = {name: tensor for name, tensor in fresh.items() if name not in ("q", "k", "v")}
     with _seeded(seed, q.device, options.get("dropout_p", 0.0)):
-        out, lse = function(q, k, v, return_lse=True, **options, **keywords, **extra)
+        out, lse = function(q, k, v, *arguments, return_lse=True, **options, **keywords, **extra)
     outputs, cotangents = ((out, lse), (dout, dlse)) if dlse is not None else ((out,), (dout,))
     grads = torch.autograd.grad(outputs, list(fresh.values()), cotangents)
     return out.detach(), lse.detach(), {_GRADIENT_NAMES[name]: grad for name, grad in zip(fresh, grads)}
@@ -424,9 +560,10 @@ def check_attention(case: AttentionCase, device: torch.device, seed: int) -> lis
         else:
             options["attn_bias"] = bias
     if case.sinks:
-        leaves["sinks"] = _sinks(case, generator, dtype, device)
+        leaves["sinks"] = _sinks(case.heads, case.seqlen_k, generator, dtype, device)
     if case.alibi is not None:
-        options["alibi_slopes"] = _alibi_slopes(case, generator, device)
+        shape = (case.heads,) if case.alibi == "heads" else (case.batch, case.heads)
+        options["alibi_slopes"] = _alibi_slopes(shape, generator, device)
     if case.dropout_p > 0:
         options["dropout_p"] = case.dropout_p
     # lse is float32 whatever the input dtype, and so is its gradient.
@@ -444,6 +581,13 @@ def check_attention(case: AttentionCase, device: torch.device, seed: int) -> lis
         lowp_out, lowp_lse, lowp_grads = _attention_run(reference.attention, leaves, dout, dlse, options, seed,
                                                         upcast=False)
 
+    return _judge((out, lse, grads), (truth_out, truth_lse, truth_grads), (lowp_out, lowp_lse, lowp_grads))
+
+
+def _judge(kernel_run: tuple, truth_run: tuple, lowp_run: tuple) -> list[Comparison]:
+    """Compare out, lse and each gradient of the kernel's run with the truth's, by the accuracy policy."""
+    (out, lse, grads), (truth_out, truth_lse, truth_grads), (lowp_out, lowp_lse, lowp_grads) = (
+        kernel_run, truth_run, lowp_run)
     comparisons = [
         compare("out", out, truth_out, lowp_out, factor=OUTPUT_FACTOR),
         compare("lse", lse, truth_lse, lowp_lse, factor=OUTPUT_FACTOR),
@@ -451,6 +595,52 @@ def check_attention(case: AttentionCase, device: torch.device, seed: int) -> lis
     for name, grad in grads.items():
         comparisons.append(compare(name, grad, truth_grads[name], lowp_grads[name], factor=GRADIENT_FACTOR))
     return comparisons
+
+
+def _offsets(lengths: tuple[int, ...], device) -> torch.Tensor:
+    """int32 ``(N + 1,)`` offsets of the sequences of ``lengths`` packed one after another, from 0."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def check_varlen(case: VarlenCase, device: torch.device, seed: int) -> list[Comparison]:
+    """Run one packed case through ``flash_attention_varlen`` and compare out, lse, dq, dk, dv (and dsinks) with
+    the float64 ``reference.attention_varlen``. The kernel also gets ``max_seqlen_q`` and ``max_seqlen_k``."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    heads_kv = case.heads_kv or case.heads
+    head_dim_v = case.head_dim_v or case.head_dim
+    total_q, total_k = sum(case.seqlens_q), sum(case.seqlens_k)
+    leaves = {
+        "q": _randn((total_q, case.heads, case.head_dim), generator, dtype, device),
+        "k": _randn((total_k, heads_kv, case.head_dim), generator, dtype, device),
+        "v": _randn((total_k, heads_kv, head_dim_v), generator, dtype, device),
+    }
+    dout = _randn((total_q, case.heads, head_dim_v), generator, dtype, device)
+    offsets = (_offsets(case.seqlens_q, device), _offsets(case.seqlens_k, device))
+    options: dict[str, object] = {"causal": case.causal}
+    if case.window_size != (-1, -1):
+        options["window_size"] = case.window_size
+    if case.softcap > 0:
+        options["softcap"] = case.softcap
+    if case.sinks:
+        mean_keys = total_k / max(len(case.seqlens_k), 1)
+        leaves["sinks"] = _sinks(case.heads, mean_keys, generator, dtype, device)
+    if case.alibi is not None:
+        shape = (case.heads,) if case.alibi == "heads" else (len(case.seqlens_q), case.heads)
+        options["alibi_slopes"] = _alibi_slopes(shape, generator, device)
+    if case.dropout_p > 0:
+        options["dropout_p"] = case.dropout_p
+    dlse = _randn((case.heads, total_q), generator, torch.float32, device) if case.lse_loss else None
+    longest = {"max_seqlen_q": max(case.seqlens_q, default=0), "max_seqlen_k": max(case.seqlens_k, default=0)}
+
+    kernel_run = _attention_run(kernel("attention_varlen"), leaves, dout, dlse, options, seed, offsets, **longest)
+    truth_run = _attention_run(reference.attention_varlen, {name: tensor.double() for name, tensor in leaves.items()},
+                               dout.double(), None if dlse is None else dlse.double(), options, seed, offsets)
+    if dtype == torch.float32:
+        lowp_run = (None, None, dict.fromkeys(kernel_run[2]))
+    else:
+        lowp_run = _attention_run(reference.attention_varlen, leaves, dout, dlse, options, seed, offsets, upcast=False)
+    return _judge(kernel_run, truth_run, lowp_run)
 
 
 def check_softmax(case: SoftmaxCase, device: torch.device, seed: int) -> list[Comparison]:
@@ -488,7 +678,7 @@ def _short_error(error: BaseException) -> str:
 
 def run_case(case, device: torch.device, seed: int) -> CaseResult:
     """Check one case; an exception anywhere (kernel, shapes, comparison) makes the case fail, not the run."""
-    check = check_attention if isinstance(case, AttentionCase) else check_softmax
+    check = {AttentionCase: check_attention, VarlenCase: check_varlen}.get(type(case), check_softmax)
     started = time.perf_counter()
     result = CaseResult(case.label)
     try:
@@ -509,6 +699,7 @@ def select_cases(args: argparse.Namespace, on_gpu: bool) -> tuple[list, str]:
             args.seqlens, args.head_dims or [64, 128], args.causal or [False, True],
             args.dtypes or ["bfloat16", "float16"], args.batch or 1, args.heads or 2, args.modifiers or (),
         )
+        varlen = []  # the sweep's shapes are square batches: nothing packed
         description = "the benchmark's sweep shapes"
     else:
         for flag, value in (("--batch", args.batch), ("--heads", args.heads), ("--modifiers", args.modifiers)):
@@ -517,18 +708,21 @@ def select_cases(args: argparse.Namespace, on_gpu: bool) -> tuple[list, str]:
         grid = args.grid or ("full" if on_gpu else "quick")
         if grid == "full":
             attention, softmax = full_grids()
+            varlen = full_varlen_grid()
         else:
             attention = QUICK_ATTENTION + OPTION_ATTENTION + MODIFIER_ATTENTION
             softmax = QUICK_SOFTMAX
-        attention = [
-            case for case in attention
+            varlen = QUICK_VARLEN
+        attention, varlen = ([
+            case for case in cases
             if (args.dtypes is None or case.dtype in args.dtypes)
             and (args.head_dims is None or case.head_dim in args.head_dims)
             and (args.causal is None or case.causal in args.causal)
-        ]
+        ] for cases in (attention, varlen))
         softmax = [case for case in softmax if args.dtypes is None or case.dtype in args.dtypes]
         description = f"the {grid} grid"
-    cases = (attention if "attention" in args.ops else []) + (softmax if "softmax" in args.ops else [])
+    cases = ((attention if "attention" in args.ops else []) + (varlen if "varlen" in args.ops else [])
+             + (softmax if "softmax" in args.ops else []))
     if not cases:
         raise ValueError("the filters (--ops, --dtypes, --head-dims, --causal) leave no case to run")
     return cases, description
@@ -564,6 +758,8 @@ def run(args: argparse.Namespace, *, on_gpu: bool) -> int:
     cases, description = select_cases(args, on_gpu)
     with output.quiet_interpreter():  # the probe runs the kernel on tiny inputs
         features = attention_features(kernel("attention"), device) if "attention" in args.ops else set()
+    if "varlen" in args.ops:
+        features |= varlen_features()
     runnable = [case for case in cases if case.requires() <= features]
     missing = sorted(set().union(*(case.requires() - features for case in cases)))
     console.print(f"verify: {len(runnable)} cases from {description} on {device} ({backend_for(device)})",

@@ -206,10 +206,13 @@ class Spy:
             self.launches.append(Launch(kernel, config, source))
             return config, source
 
-        def spy_grid(config, launch_options, rows, batch_heads, block_key, tensors, device_index=0):
-            result = grid_and_arguments(config, launch_options, rows, batch_heads, block_key, tensors, device_index)
+        def spy_grid(config, launch_options, rows, batch_heads, block_key, tensors, device_index=0, num_seqs=None):
+            result = grid_and_arguments(config, launch_options, rows, batch_heads, block_key, tensors, device_index,
+                                        num_seqs)
             _, (_, programs), options = result
-            tiles = -(-rows // options[block_key]) * batch_heads
+            blocks = (-(-rows // options[block_key]) if num_seqs is None
+                      else configs.packed_tiles(rows, num_seqs, options[block_key]))
+            tiles = blocks * batch_heads
             self.grids.append(Grid(config, bool(options.get("USE_TMA")), programs, tiles))
             return result
 

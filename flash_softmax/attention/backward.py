@@ -230,9 +230,12 @@ def _attn_bwd_dkdv_kernel(
     ``VARLEN``: a packed batch (see ``_attn_fwd_kernel``), grid ``packed_tile_count(total_k, num_seqs, BLOCK_N)
     * Hkv * head_splits`` over the sequences' key blocks, taken first to last."""
     num_blocks = tl.cdiv(seqlen_k, BLOCK_N)
-    first, stop, step, seqlen_q, seqlen_k, packed = program_work(
+    first, stop, step, seqlen_q, seqlen_k, packed, found = program_work(
         CuSeqlensQ, CuSeqlensK, num_seqs, total_k, seqlen_q, seqlen_k, num_blocks, batch_heads, num_programs,
         PERSISTENT, VARLEN, True, BLOCK_N)
+    if VARLEN:
+        if found == 0:  # past the packed grid's last tile
+            return
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     seed, offset = dropout_state(Rng, HAS_DROPOUT)
     for tile in range(first, stop, step):
@@ -406,9 +409,12 @@ def _attn_bwd_dq_kernel(
     heaviest first (``batch_heads = B * Hq``). ``VARLEN``: a packed batch, as in ``_attn_fwd_kernel``."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     seed, offset = dropout_state(Rng, HAS_DROPOUT)
-    first, stop, step, seqlen_q, seqlen_k, packed = program_work(
+    first, stop, step, seqlen_q, seqlen_k, packed, found = program_work(
         CuSeqlensQ, CuSeqlensK, num_seqs, total_q, seqlen_q, seqlen_k, tl.cdiv(seqlen_q, BLOCK_M), batch_heads,
         num_programs, PERSISTENT, VARLEN, False, BLOCK_M)
+    if VARLEN:
+        if found == 0:  # past the packed grid's last tile
+            return
     for tile in range(first, stop, step):
         batch_head, batch, head, head_kv, start_m, offs_m, q_index, k_index, row_stats = query_tile(
             tile, seqlen_q, batch_heads, num_heads_q, group_size, total_q, packed, PERSISTENT, VARLEN, BLOCK_M)

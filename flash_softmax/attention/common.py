@@ -95,8 +95,10 @@ def query_block(tile, seqlen_q, batch_heads, num_heads_q, group_size, PERSISTENT
 
 
 #: Sequences a program reads at once while it looks for its tile's sequence in a packed batch
-#: (``packed_tile``): one vector load and one prefix sum per chunk.
-SEQUENCE_CHUNK = tl.constexpr(64)
+#: (``packed_tile``): one vector load and one prefix sum per chunk, about 40 instructions on sm_90a and no
+#: register the main loop needs (notes/perf.md, 'Packed batches'). The interpreter takes 16, so that small
+#: test batches cross a chunk.
+SEQUENCE_CHUNK = tl.constexpr(16 if INTERPRETED else 256)
 
 
 @triton.jit
@@ -158,13 +160,16 @@ def sequence_rows(CuSeqlensQ, CuSeqlensK, sequence):
 def program_work(CuSeqlensQ, CuSeqlensK, num_seqs, total_rows, seqlen_q, seqlen_k, num_blocks, batch_heads,
                  num_programs, PERSISTENT: tl.constexpr, VARLEN: tl.constexpr, KEY_TILES: tl.constexpr,
                  BLOCK: tl.constexpr):
-    """``(first, stop, step, seqlen_q, seqlen_k, packed)``: the tiles this program computes (as
-    ``program_tiles``), the lengths they see, and for a packed batch its tile's coordinates.
+    """``(first, stop, step, seqlen_q, seqlen_k, packed, found)``: the tiles this program computes (as
+    ``program_tiles``), the lengths they see, for a packed batch its tile's coordinates, and whether it has a
+    tile at all.
 
-    Fixed length: ``program_tiles``, the call's lengths and an unused ``packed``. ``VARLEN``: one tile of the
-    packed grid over the query blocks (or, ``KEY_TILES``, the key blocks, for dK/dV) of the sequences, none
-    for a program past the last tile; the lengths are its sequence's, and ``packed`` is ``(sequence, block,
-    unit, q_start, k_start)`` (``packed_tile``, ``sequence_rows``)."""
+    Fixed length: ``program_tiles``, the call's lengths, an unused ``packed`` and ``found = 1``. ``VARLEN``:
+    one tile of the packed grid over the query blocks (or, ``KEY_TILES``, the key blocks, for dK/dV) of the
+    sequences; the lengths are its sequence's, and ``packed`` is ``(sequence, block, unit, q_start, k_start)``
+    (``packed_tile``, ``sequence_rows``). ``found`` is 0 for a program past the last tile, which must return
+    at once: an early return, not a loop of zero or one trips over the kernel's body, which costs the forward
+    and dK/dV kernels some 40 registers on sm_90a (notes/perf.md, 'Packed batches')."""
     if VARLEN:
         if KEY_TILES:
             sequence, block, unit, found = packed_tile(CuSeqlensK, num_seqs, total_rows, BLOCK)
@@ -173,12 +178,13 @@ def program_work(CuSeqlensQ, CuSeqlensK, num_seqs, total_rows, seqlen_q, seqlen_
         q_start, seqlen_q, k_start, seqlen_k = sequence_rows(CuSeqlensQ, CuSeqlensK, sequence)
         packed = (sequence, block, unit, q_start, k_start)
         first = 0
-        stop = found.to(tl.int32)
+        stop = 1
         step = 1
     else:
         packed = (0, 0, 0, 0, 0)
+        found = 1
         first, stop, step = program_tiles(num_blocks, batch_heads, num_programs, PERSISTENT)
-    return first, stop, step, seqlen_q, seqlen_k, packed
+    return first, stop, step, seqlen_q, seqlen_k, packed, found
 
 
 @triton.jit

@@ -130,9 +130,12 @@ def _attn_fwd_kernel(
     ``(Hq, total_q)``; ``Alibi``'s batch index and dropout's are the sequence's."""
     DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
     seed, offset = dropout_state(Rng, HAS_DROPOUT)
-    first, stop, step, seqlen_q, seqlen_k, packed = program_work(
+    first, stop, step, seqlen_q, seqlen_k, packed, found = program_work(
         CuSeqlensQ, CuSeqlensK, num_seqs, total_q, seqlen_q, seqlen_k, tl.cdiv(seqlen_q, BLOCK_M), batch_heads,
         num_programs, PERSISTENT, VARLEN, False, BLOCK_M)
+    if VARLEN:
+        if found == 0:  # past the packed grid's last tile
+            return
     for tile in range(first, stop, step):
         batch_head, batch, head, head_kv, start_m, offs_m, q_index, k_index, stats_start = query_tile(
             tile, seqlen_q, batch_heads, num_heads_q, group_size, total_q, packed, PERSISTENT, VARLEN, BLOCK_M)

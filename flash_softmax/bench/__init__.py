@@ -1,7 +1,8 @@
 """``flash-softmax bench``: time flash_softmax against other providers and record everything.
 
-The sweep itself lives in :mod:`~flash_softmax.bench.attention` and :mod:`~flash_softmax.bench.softmax`
-(configurations and what is timed), :mod:`~flash_softmax.bench.providers` (the implementations),
+The sweep itself lives in :mod:`~flash_softmax.bench.attention`, :mod:`~flash_softmax.bench.varlen`
+(``--varlen``: one packed batch of mixed lengths) and :mod:`~flash_softmax.bench.softmax` (configurations and
+what is timed), :mod:`~flash_softmax.bench.providers` (the implementations),
 :mod:`~flash_softmax.bench.sweep` and :mod:`~flash_softmax.bench.timing` (measuring without stopping on
 failures), and :mod:`~flash_softmax.bench.output` (table, CSV, ``env.json``, plots).
 :mod:`~flash_softmax.bench.host_overhead` (``--host-overhead``) times the Python work of one attention call
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from flash_softmax.bench import attention, host_overhead, output, providers, softmax
+from flash_softmax.bench import attention, host_overhead, output, providers, softmax, varlen
 from flash_softmax.bench.sweep import Result, run_sweep, speedups
 from flash_softmax.info import device_name, device_slug, environment
 
@@ -28,6 +29,11 @@ _ATTENTION_ONLY_FLAGS = {"seqlens": "--seqlens", "head_dims": "--head-dims", "ca
                          "batch": "--batch", "heads": "--heads", "gqa": "--gqa", "window": "--window",
                          "modifiers": "--modifiers"}
 _SOFTMAX_ONLY_FLAGS = {"cols": "--cols", "rows": "--rows"}
+#: Flags of ``--varlen`` only, and the attention flags it has no use for (its lengths are drawn, not swept).
+_VARLEN_ONLY_FLAGS = {"varlen_tokens": "--varlen-tokens", "varlen_sequences": "--varlen-sequences",
+                      "varlen_lengths": "--varlen-lengths", "varlen_seed": "--varlen-seed"}
+_NOT_VARLEN_FLAGS = {"seqlens": "--seqlens", "batch": "--batch", "window": "--window", "modifiers": "--modifiers",
+                     **_SOFTMAX_ONLY_FLAGS}
 
 #: The column of the printed table (and, on a GPU, of the CSV) that compares each provider with ours.
 SPEEDUP_COLUMN = "fs speed-up"
@@ -60,6 +66,18 @@ def cpu_banner() -> str:
 
 
 def _reject_flags_of_other_op(args: argparse.Namespace) -> None:
+    if args.varlen:
+        if args.op != "attention":
+            raise ValueError(f"--varlen times attention; it was given --op {args.op}")
+        for attribute, flag in _NOT_VARLEN_FLAGS.items():
+            if getattr(args, attribute) is not None:
+                raise ValueError(f"{flag} does not apply to --varlen (its lengths are drawn: --varlen-tokens, "
+                                 f"--varlen-sequences, --varlen-lengths, --varlen-seed); it was given "
+                                 f"{getattr(args, attribute)}")
+        return
+    for attribute, flag in _VARLEN_ONLY_FLAGS.items():
+        if getattr(args, attribute) is not None:
+            raise ValueError(f"{flag} applies to --varlen only; it was given {getattr(args, attribute)}")
     foreign = _SOFTMAX_ONLY_FLAGS if args.op == "attention" else _ATTENTION_ONLY_FLAGS
     for attribute, flag in foreign.items():
         if getattr(args, attribute) is not None:
@@ -82,6 +100,15 @@ def _attention_cells(record: dict[str, object]) -> list[str]:
     ]
 
 
+def _varlen_cells(record: dict[str, object]) -> list[str]:
+    return [
+        record["provider"], record["mode"], "yes" if record["causal"] else "no", record["dtype"],
+        str(record["sequences"]), str(record["tokens"]), str(record["max_seqlen"]), str(record["heads"]),
+        str(record["head_dim"]), _time_cell(record), output.format_number(record["tokens_per_s"]),
+        output.format_number(record["tflops"]), output.format_number(record["peak_mem_mib"], 4),
+    ]
+
+
 def _softmax_cells(record: dict[str, object]) -> list[str]:
     return [record["provider"], record["mode"], record["dtype"], str(record["rows"]), str(record["cols"]),
             _time_cell(record), output.format_number(record["gbps"])]
@@ -96,6 +123,14 @@ _OPS = {
         "columns": ["provider", "mode", "causal", "dtype", "B", "H", "S", "D", "ms (p20-p80)", "TFLOP/s",
                     "peak MiB"],
         "cells": _attention_cells,
+    },
+    # --varlen: one packed batch (written to attention_varlen.csv).
+    "attention_varlen": {
+        "module": varlen,
+        "registry": lambda: providers.VARLEN_PROVIDERS,
+        "columns": ["provider", "mode", "causal", "dtype", "N", "tokens", "max S", "H", "D", "ms (p20-p80)",
+                    "tokens/s", "TFLOP/s", "peak MiB"],
+        "cells": _varlen_cells,
     },
     "softmax": {
         "module": softmax,
@@ -196,12 +231,14 @@ def _write_plots(op: str, records: list[dict[str, object]], out_dir: Path, banne
 
 #: Sweep flags that mean nothing to ``--host-overhead`` (which times one fixed attention call per case).
 _NOT_HOST_OVERHEAD_FLAGS = {"providers": "--providers", "gqa": "--gqa", "window": "--window", "cols": "--cols",
-                            "rows": "--rows", "modifiers": "--modifiers"}
+                            "rows": "--rows", "modifiers": "--modifiers", **_VARLEN_ONLY_FLAGS}
 
 
 def _run_host_overhead(args: argparse.Namespace, on_gpu: bool, threads: int) -> int:
     if args.op != "attention":
         raise ValueError(f"--host-overhead times attention calls only; it was given --op {args.op}")
+    if args.varlen:
+        raise ValueError("--varlen does not apply to --host-overhead; give one of them")
     for attribute, flag in _NOT_HOST_OVERHEAD_FLAGS.items():
         if getattr(args, attribute) is not None:
             raise ValueError(f"{flag} does not apply to --host-overhead; it was given {getattr(args, attribute)}")
@@ -239,7 +276,8 @@ def run(args: argparse.Namespace, *, on_gpu: bool, command_line: str) -> int:
 
 def _run_sweep(args: argparse.Namespace, on_gpu: bool, command_line: str, threads: int) -> int:
     _reject_flags_of_other_op(args)
-    spec = _OPS[args.op]
+    op = "attention_varlen" if args.varlen else args.op
+    spec = _OPS[op]
     module = spec["module"]
     selected = providers.select(spec["registry"](), args.providers, on_gpu)
     if args.modifiers and not any(provider.takes_modifiers for provider in selected):
@@ -254,35 +292,42 @@ def _run_sweep(args: argparse.Namespace, on_gpu: bool, command_line: str, thread
     banner = None if on_gpu else cpu_banner()
 
     console = output.make_console()
-    console.print(f"bench {args.op}: {len(configs)} configurations x {len(selected)} providers "
+    console.print(f"bench {op}: {len(configs)} configurations x {len(selected)} providers "
                   f"({measured} measurements) on {device_name()}, {threads} torch threads", markup=False)
-    with output.progress(console, args.op, measured) as step:
+    if args.varlen:
+        lengths = configs[0].lengths
+        console.print(f"packed batch: {len(lengths)} sequences, {sum(lengths)} tokens, lengths (seed "
+                      f"{configs[0].seed}): {' '.join(map(str, lengths))}", markup=False)
+    with output.progress(console, op, measured) as step:
         results: list[Result] = run_sweep(
             module, configs, selected, device,
-            on_result=lambda result: step(f"{args.op} {result.provider} {result.config.mode}"),
+            on_result=lambda result: step(f"{op} {result.provider} {result.config.mode}"),
         )
 
     records = [module.record(result, threads) for result in results]
-    if args.op == "attention":
+    if op == "attention":
         for index, overhead in attention.overheads(results).items():
             records[index]["overhead_vs_plain"] = overhead
     if on_gpu:
         ratio = speedups(results)
         for index, record in enumerate(records):
             record["fs_speedup"] = ratio.get(index)
-    columns, rows = table_rows(args.op, records, [result.measurement.detail for result in results], on_gpu)
+    columns, rows = table_rows(op, records, [result.measurement.detail for result in results], on_gpu)
     if banner is not None:
         console.print(banner, style="bold red", markup=False)  # right above the table it is about
-    output.print_table(console, f"{args.op} on {device_name()}", columns, rows,
+    output.print_table(console, f"{op} on {device_name()}", columns, rows,
                        caption=table_caption(records, on_gpu))
 
     environment_record = {**environment(command_line), "threads": threads}
     if banner is not None:
         environment_record["note"] = banner
-    written = [output.write_csv(out_dir / f"{args.op}.csv", csv_columns(module.CSV_COLUMNS, on_gpu), records),
+    written = [output.write_csv(out_dir / f"{op}.csv", csv_columns(module.CSV_COLUMNS, on_gpu), records),
                output.write_json(out_dir / "env.json", environment_record)]
-    if args.plots:
-        figures, left_out = _write_plots(args.op, records, out_dir, banner)
+    if args.plots and args.varlen:
+        console.print("no plots for --varlen: one packed batch per configuration, no length to draw against",
+                      markup=False)
+    elif args.plots:
+        figures, left_out = _write_plots(op, records, out_dir, banner)
         written += figures
         for line in left_out:
             console.print(line, markup=False)

@@ -5,8 +5,8 @@ provider on the very same tensors, in one process. A provider that cannot run a 
 :class:`Unsupported` (from ``build`` or from the first call), which becomes a row with status
 ``unsupported`` instead of an error.
 
-The registries :data:`ATTENTION_PROVIDERS` and :data:`SOFTMAX_PROVIDERS` are looked up at run time, so
-a provider added to them is benchmarked like the others.
+The registries :data:`ATTENTION_PROVIDERS`, :data:`VARLEN_PROVIDERS` (``--varlen``) and
+:data:`SOFTMAX_PROVIDERS` are looked up at run time, so a provider added to them is benchmarked like the others.
 """
 
 from __future__ import annotations
@@ -32,13 +32,18 @@ class Provider:
         name: the name used by ``--providers`` and in the CSV.
         build: ``build(config, *inputs) -> forward`` where ``forward()`` returns the output. Attention
             gets ``(q, k, v)`` of shape ``(B, H, S, D)``, softmax gets ``(x,)``; ``config`` is the
-            benchmark's configuration (``causal``, ``seqlen_q``, ... for attention).
+            benchmark's configuration (``causal``, ``seqlen_q``, ... for attention). Packed attention
+            (``--varlen``) gets ``(q, k, v, packing)``: the packed ``(T, H, D)`` tensors, or the padded ``(N, H,
+            S, D)`` ones where ``padded``, and the :class:`~flash_softmax.bench.varlen.Packing`; its
+            ``forward()`` returns the output in the layout of its q.
         context: a context manager factory entered around the warm-up and all timed calls, e.g. to force
             an SDPA backend, so that entering it is not timed.
         on_cpu: whether the provider is part of the default set on a CPU-only machine.
         takes_modifiers: whether an attention ``build`` also takes a score modifier's keyword arguments
             (``sinks``, ``alibi_slopes``, ``dropout_p``, ``attn_bias``, as ``flash_attention`` names them);
             only such providers are timed with ``--modifiers``.
+        padded: for ``--varlen``, whether ``build`` takes the sequences padded to the longest, one per batch
+            row, instead of packed along dim 0.
     """
 
     name: str
@@ -46,6 +51,7 @@ class Provider:
     context: Callable[[], contextlib.AbstractContextManager[Any]] = field(default=contextlib.nullcontext)
     on_cpu: bool = True
     takes_modifiers: bool = False
+    padded: bool = False
 
 
 def _flash_softmax_attention(config, q, k, v, **modifiers):
@@ -66,6 +72,16 @@ def _band_mask(config, device) -> torch.Tensor:
     return band_mask(config.seqlen_q, config.seqlen_k, config.causal, config.window_size(), device)
 
 
+def _sdpa(backend_name: str, q, k, v, **options):
+    """``F.scaled_dot_product_attention`` under the forced backend; its refusal of the inputs is Unsupported."""
+    try:
+        return F.scaled_dot_product_attention(q, k, v, **options)
+    except RuntimeError as error:
+        if any(message in str(error) for message in _SDPA_NO_KERNEL):
+            raise Unsupported(f"SDPA backend {backend_name} cannot run these inputs") from None
+        raise
+
+
 def _sdpa_builder(backend_name: str):
     def build(config, q, k, v):
         mask = None
@@ -78,17 +94,7 @@ def _sdpa_builder(backend_name: str):
             raise Unsupported("SDPA's is_causal is top-left aligned; differs from bottom-right when Sq != Sk")
         is_causal = config.causal and mask is None
         enable_gqa = config.group_size > 1
-
-        def forward():
-            try:
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                                      enable_gqa=enable_gqa)
-            except RuntimeError as error:
-                if any(message in str(error) for message in _SDPA_NO_KERNEL):
-                    raise Unsupported(f"SDPA backend {backend_name} cannot run these inputs") from None
-                raise
-
-        return forward
+        return lambda: _sdpa(backend_name, q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa)
 
     return build
 
@@ -180,6 +186,85 @@ ATTENTION_PROVIDERS: dict[str, Provider] = {
         # Compiling FlexAttention for the CPU takes about half a minute per shape: asked for, not default.
         Provider("flex", _flex_attention, on_cpu=False),
         Provider("naive", _naive_attention),
+    )
+}
+
+
+# ------------------------------------------------------------------------------- packed (--varlen)
+
+
+def _flash_softmax_varlen(config, q, k, v, packing):
+    import flash_softmax as fs
+
+    return lambda: fs.flash_attention_varlen(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
+                                             packing.max_seqlen, causal=config.causal)
+
+
+def _flash_softmax_padded(config, q, k, v, packing):
+    import flash_softmax as fs
+
+    # Each row's keys end at its sequence's length: with the (N, 1, 1, S) keep-mask the real rows are exact;
+    # causal needs nothing more, as the padding comes after every real token.
+    return lambda: fs.flash_attention(q, k, v, causal=config.causal, attn_bias=packing.key_padding)
+
+
+def _sdpa_padded_builder(backend_name: str):
+    def build(config, q, k, v, packing):
+        mask = packing.key_padding
+        if config.causal:
+            # SDPA takes a mask or is_causal, not both: the (N, 1, S, S) combination, built here, untimed.
+            longest = packing.max_seqlen
+            mask = mask & torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
+        enable_gqa = config.group_size > 1
+        return lambda: _sdpa(backend_name, q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+    return build
+
+
+def _flex_attention_documents(config, q, k, v, packing):
+    """FlexAttention on the packed tokens seen as a batch of one, ``(1, H, T, D)``, with a document mask: a
+    ``BlockMask`` built once from each token's sequence id, so key blocks of other documents are skipped."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+    except ImportError:
+        raise Unsupported(f"torch {torch.__version__} has no FlexAttention") from None
+    flex_attention = _flex_attention_compiled()
+    document = packing.document
+    if config.causal:
+        def same_document(batch, head, q_index, kv_index):
+            # Queries and keys are the same tokens: within a document, causal is kv_index <= q_index.
+            return (document[q_index] == document[kv_index]) & (kv_index <= q_index)
+    else:
+        def same_document(batch, head, q_index, kv_index):
+            return document[q_index] == document[kv_index]
+    tokens = q.shape[0]
+    block_mask = create_block_mask(same_document, None, None, tokens, tokens, device=q.device)
+    q, k, v = (tensor.transpose(0, 1).unsqueeze(0) for tensor in (q, k, v))
+    enable_gqa = config.group_size > 1
+
+    def forward():
+        try:
+            out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+        except NotImplementedError as error:
+            raise Unsupported(f"FlexAttention: {error}") from None
+        return out[0].transpose(0, 1)  # back to the packed (T, H, D) layout, a view
+
+    return forward
+
+
+#: Providers of ``--varlen`` by name: flash_softmax is ``flash_attention_varlen`` on the packed tokens.
+VARLEN_PROVIDERS: dict[str, Provider] = {
+    provider.name: provider
+    for provider in (
+        Provider("flash_softmax", _flash_softmax_varlen),
+        Provider("flash_softmax_padded", _flash_softmax_padded, padded=True),
+        Provider("sdpa_cudnn", _sdpa_padded_builder("CUDNN_ATTENTION"), _sdpa_context("CUDNN_ATTENTION"), on_cpu=False,
+                 padded=True),
+        Provider("sdpa_efficient", _sdpa_padded_builder("EFFICIENT_ATTENTION"), _sdpa_context("EFFICIENT_ATTENTION"),
+                 on_cpu=False, padded=True),
+        Provider("sdpa_math", _sdpa_padded_builder("MATH"), _sdpa_context("MATH"), padded=True),
+        # Compiling FlexAttention for the CPU takes tens of seconds per shape: asked for, not default.
+        Provider("flex", _flex_attention_documents, on_cpu=False),
     )
 }
 
