@@ -31,6 +31,7 @@ from transformers.masking_utils import (  # noqa: E402
 )
 
 import flash_softmax as fs  # noqa: E402
+import flash_softmax.integrations.transformers as integration  # noqa: E402
 from flash_softmax.integrations.transformers import (  # noqa: E402
     ATTENTION_NAME,
     fs_attention_forward,
@@ -282,16 +283,20 @@ def test_mask_is_none_where_the_kernel_causal_pattern_is_exact(case):
 @pytest.mark.parametrize(
     "case",
     [
-        dict(q_length=7, kv_length=7, padded=True),
-        dict(q_length=1, kv_length=8, q_offset=7, padded=True),
         dict(q_length=4, kv_length=16),  # static cache: empty slots after the queries
         dict(q_length=1, kv_length=16, q_offset=torch.tensor(5)),  # static cache while decoding
-        dict(q_length=9, kv_length=9, local_size=4, mask_function=sliding_window_causal_mask_function(4)),
-        dict(q_length=6, kv_length=6, allow_is_causal_skip=False),  # overlays or packed sequences
+        dict(q_length=6, kv_length=6, allow_is_causal_skip=False),  # the caller builds on the mask
+        dict(q_length=6, kv_length=6, padded=True, allow_is_causal_skip=False),
+        dict(q_length=8, kv_length=8, mask_function=transformers.masking_utils.chunked_causal_mask_function(
+            3, torch.zeros(2, dtype=torch.long)), local_size=3),  # chunks: not a band
+        dict(q_length=6, kv_length=6, mask_function=transformers.masking_utils.and_masks(
+            transformers.masking_utils.causal_mask_function, lambda b, h, q, kv: kv != 2),
+             allow_is_causal_skip=False),  # an overlay (create_causal_mask then allows no skip)
     ],
-    ids=["padded-prefill", "padded-decode", "static-prefill", "static-decode", "window", "no-skip"],
+    ids=["static-prefill", "static-decode", "no-skip", "no-skip-padded", "chunked", "overlay"],
 )
 def test_mask_is_transformers_bool_mask_otherwise(case):
+    """What is not sequences and a band keeps transformers' own (B, 1, Sq, Sk) mask."""
     case = dict(case)
     padding = torch.ones(2, case["kv_length"], dtype=torch.bool)
     if case.pop("padded", False):
@@ -304,14 +309,52 @@ def test_mask_is_transformers_bool_mask_otherwise(case):
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(q_length=7, kv_length=7, padded=True, band=(-1, 0)),  # left padding, prefill
+        dict(q_length=1, kv_length=8, q_offset=7, padded=True, band=(-1, 0)),  # decoding on a cache
+        dict(q_length=9, kv_length=9, local_size=4, mask_function=sliding_window_causal_mask_function(4),
+             band=(3, 0)),
+        dict(q_length=5, kv_length=9, q_offset=4, local_size=4, padded=True, band=(3, 0),
+             mask_function=sliding_window_causal_mask_function(4)),  # window and padding, a chunk on a cache
+    ],
+    ids=["padded-prefill", "padded-decode", "window", "window-padded-chunk"],
+)
+def test_padding_and_windows_give_a_compact_mask(case, monkeypatch):
+    """Padding and windows: a (B, Sk) mask of the real keys, no (B, 1, Sq, Sk) one, and transformers' mask
+    never built (sdpa_mask is not called). The mask stands for the band the attention will apply."""
+    case = dict(case)
+    band = case.pop("band")
+    padding = torch.ones(2, case["kv_length"], dtype=torch.bool)
+    if case.pop("padded", False):
+        padding[1, :3] = False
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("transformers' dense mask was built")
+
+    monkeypatch.setattr(integration, "sdpa_mask", forbidden)
+    mask = fs_attention_mask(batch_size=2, attention_mask=padding, **case)
+    assert mask is not None and mask.dtype == torch.bool
+    assert mask.shape == (2, case["kv_length"])
+    assert torch.equal(mask, padding)
+    layout = integration._LAYOUTS[mask]
+    assert layout.causal and layout.window == band
+
+
 def test_bidirectional_mask_without_padding_is_none():
     padding = torch.ones(2, 6, dtype=torch.bool)
     common = dict(batch_size=2, q_length=6, kv_length=6, attention_mask=padding, allow_is_causal_skip=False)
     assert fs_attention_mask(mask_function=lambda *_: True, allow_is_bidirectional_skip=True, **common) is None
     padding[0, 0] = False
+    # A pattern the integration does not know: transformers' mask.
+    mask = fs_attention_mask(
+        mask_function=lambda b, h, q, kv: q >= 0, allow_is_bidirectional_skip=True, **common,
+    )
+    assert mask.shape == (2, 1, 6, 6) and not mask[0, 0, :, 0].any() and mask[1].all()
+    # transformers' bidirectional pattern with padding: the compact (B, Sk) mask of the real keys.
     mask = fs_attention_mask(
         mask_function=transformers.masking_utils.bidirectional_mask_function, allow_is_bidirectional_skip=True,
         **common,
     )
-    assert mask is not None and not mask[0, 0, :, 0].any() and mask[1].all()
-
+    assert mask.shape == (2, 6) and torch.equal(mask, padding)

@@ -352,21 +352,24 @@ def test_cu_seq_lens_need_one_row():
         fs_attention_forward(_Layer(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
 
 
-def test_restarting_position_ids_without_a_mask_are_refused():
-    """Packed rows reach the layers with the mask transformers builds from their positions; restarting
-    positions without any mask would attend across sequences, so they are refused. With a mask, or with
-    increasing positions (a chunk on a cache), they are unread."""
+def test_restarting_position_ids_without_a_mask_are_packed_sequences():
+    """Packed rows that reach a layer without a mask (FlashAttention's convention): positions that restart
+    inside a row start a new sequence, each attending only within itself, through varlen. With a mask, or
+    with increasing positions (a chunk on a cache), they are unread; restarting positions of a chunk on a
+    cache are refused (the sequences of the cached keys are unknown)."""
     q, k, v = _qkv(batch=1, seqlen_q=7, seqlen_k=7)
     packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
-    with pytest.raises(ValueError, match="position_ids .* restart inside a row"):
-        fs_attention_forward(_Layer(), q, k, v, None, position_ids=packed)
     segment = torch.tensor([0, 0, 0, 1, 1, 1, 1])
     keep = ((segment[:, None] == segment[None, :]) & torch.ones(7, 7, dtype=torch.bool).tril())[None, None]
-    out, _ = fs_attention_forward(_Layer(), q, k, v, keep, position_ids=packed)
     truth = fs.reference.attention(*_double(q, k, v), attn_bias=keep)
+    out, _ = fs_attention_forward(_Layer(), q, k, v, None, position_ids=packed)
+    assert_close("packed rows from their positions", out, truth.transpose(1, 2), None)
+    out, _ = fs_attention_forward(_Layer(), q, k, v, keep, position_ids=packed)
     assert_close("packed rows with their mask", out, truth.transpose(1, 2), None)
     q, k, v = _qkv(batch=1, seqlen_q=4, seqlen_k=7)
     fs_attention_forward(_Layer(), q, k, v, None, position_ids=torch.arange(3, 7)[None])
+    with pytest.raises(ValueError, match="position_ids .* restart inside a row"):
+        fs_attention_forward(_Layer(), q, k, v, None, position_ids=torch.tensor([[5, 6, 0, 1]]))
 
 
 def test_position_ids_are_read_once_per_tensor(monkeypatch):

@@ -256,7 +256,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if bound is None:
             continue
-        if isinstance(bound, bool) or not isinstance(bound, numbers.Integral):
+        if isinstance(bound, bool) or not isinstance(bound, (numbers.Integral, torch.SymInt)):
             raise TypeError(f"{name} must be an int or None, got {type(bound).__name__} {bound!r}")
         if bound < 0:
             raise ValueError(f"{name} must be >= 0, got {bound}")
