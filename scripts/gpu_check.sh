@@ -114,7 +114,7 @@ if (( DRY_RUN )); then
     FLEX_PROVIDERS=(flash_softmax)   # compiling FlexAttention for the CPU takes half a minute per shape
     MODIFIER_SIZES=(--dtypes float16 --seqlens 64 --batch 1 --heads 2)
     VARLEN_SIZES=(--dtypes float16 --varlen-sequences 2 --varlen-lengths 8 24 --heads 2)
-    VARLEN_PROVIDERS=(flash_softmax flash_softmax_padded sdpa_math)
+    VARLEN_PROVIDERS=(flash_softmax flash_softmax_padded)
     HEAD_DIMS_A=32 HEAD_DIMS_B=16
     SOFTMAX_SIZES=(--dtypes float16 --cols 256 4096 --rows 4)
     SOFTMAX_PROVIDERS=(flash_softmax torch)   # torch.compile for the CPU needs seconds per shape

@@ -97,17 +97,6 @@ def test_model_reports_the_implementation(llama):
     assert all(layer.self_attn.config._attn_implementation == "fs_attention" for layer in model.model.layers)
 
 
-def test_left_padded_logits_match(llama):
-    input_ids, attention_mask = left_padded_batch()
-    kept = attention_mask.bool()
-    truth = with_attention(llama, "sdpa", torch.float64)(input_ids=input_ids, attention_mask=attention_mask).logits
-    for implementation in (register(), "eager"):
-        model = with_attention(llama, implementation, torch.float32)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        assert logits.dtype == torch.float32
-        assert_close(f"{implementation} logits", logits[kept], truth[kept], None)
-
-
 def test_left_padded_gradients_match(llama):
     """Loss over the real tokens only, then every parameter's gradient. Labels are -100 on padding and on
     each row's first real token, which only a padded position would predict: a query row that sees no key
@@ -155,22 +144,6 @@ def test_chunked_prefill_on_a_cache_uses_bottom_right_causal(llama, monkeypatch)
     assert all(mask is None for _, _, mask in calls)
     assert_close("prefill logits", first, truth[:, :6], None)
     assert_close("chunk logits", second, truth[:, 6:], None)
-
-
-def test_greedy_generate_matches_eager(llama):
-    """Twelve new tokens with a KV cache, on a left-padded batch of two: the prefill and every decoding step
-    use the padding mask, one query against all cached keys."""
-    input_ids, attention_mask = left_padded_batch()
-    input_ids, attention_mask = input_ids[:2], attention_mask[:2]
-    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
-    expected = with_attention(llama, "eager", torch.float32).generate(
-        input_ids, attention_mask=attention_mask, **settings
-    )
-    generated = with_attention(llama, register(), torch.float32).generate(
-        input_ids, attention_mask=attention_mask, **settings
-    )
-    assert generated.shape == (2, 11 + 12)
-    assert torch.equal(generated, expected)
 
 
 def test_greedy_generate_unpadded_matches_eager(llama):

@@ -18,7 +18,6 @@ fails when the dense path is taken.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -45,23 +44,7 @@ import flash_softmax.integrations.transformers as integration  # noqa: E402
 from flash_softmax.integrations.transformers import register  # noqa: E402
 from flash_softmax.testing import GRADIENT_FACTOR, assert_close  # noqa: E402
 
-VOCAB = 96
-
-
-def with_attention(model, implementation: str, dtype: torch.dtype):
-    """A copy of ``model`` (same weights) in ``dtype`` running ``implementation``."""
-    copied = copy.deepcopy(model).to(dtype)
-    copied.set_attn_implementation(implementation)
-    return copied
-
-
-def build(model_class, config, seed: int):
-    torch.manual_seed(seed)
-    return model_class(config).eval()
-
-
-def tokens(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+from test_transformers_models import VOCAB, build, tokens, with_attention  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -305,8 +288,9 @@ def test_bidirectional_padding_runs_every_query_against_the_real_keys(routes):
 # Sliding windows
 
 
-@pytest.mark.parametrize("padding", [None, "left", "right"])
-@pytest.mark.parametrize("make", [_mistral, _qwen2], ids=["mistral", "qwen2"])
+@pytest.mark.parametrize("make, padding", [(_mistral, None), (_mistral, "left"), (_mistral, "right"), (_qwen2, None),
+                                           (_qwen2, "left")],
+                         ids=["mistral-none", "mistral-left", "mistral-right", "qwen2-none", "qwen2-left"])
 def test_sliding_window_shorter_than_the_sequence_matches(routes, make, padding):
     """A window of 4 over 11 tokens: the kernels' window, bottom-right aligned, in flash_attention without
     padding and per sequence in varlen with it; Qwen 2's full-attention layer next to the windowed one."""

@@ -9,6 +9,10 @@ log).
 
 Key blocks outside the causal / sliding-window band are never visited; blocks wholly inside it skip
 the mask; only blocks that cross its edges or the end of the sequence pay for it.
+
+The same kernel serves packed batches (``VARLEN``, ``flash_attention_varlen``): a sequence takes the place of
+a batch entry, with its own lengths, and each program finds its sequence and block itself
+(``common.packed_tile``).
 """
 
 from __future__ import annotations
