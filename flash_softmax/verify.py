@@ -63,6 +63,28 @@ def kernel(name: str) -> Callable:
 # --------------------------------------------------------------------------------------------- cases
 
 
+def _option_labels(case, bias: str | None, batch: str) -> list[str]:
+    """The label words of the options an attention case (``AttentionCase`` or ``VarlenCase``) turns on, in
+    one order: causal, window, softcap, ``bias`` (its description, or None), sinks, ALiBi (per-batch slopes
+    named ``(<batch>,Hq)``), dropout, and a loss on lse."""
+    parts = ["causal"] if case.causal else []
+    if case.window_size != (-1, -1):
+        parts.append(f"window={case.window_size}")
+    if case.softcap > 0:
+        parts.append(f"softcap={case.softcap:g}")
+    if bias is not None:
+        parts.append(bias)
+    if case.sinks:
+        parts.append("sinks")
+    if case.alibi is not None:
+        parts.append("alibi (Hq,)" if case.alibi == "heads" else f"alibi ({batch},Hq)")
+    if case.dropout_p > 0:
+        parts.append(f"dropout={case.dropout_p:g}")
+    if case.lse_loss:
+        parts.append("lse in loss")
+    return parts
+
+
 @dataclass(frozen=True)
 class AttentionCase:
     """One attention problem. Optional fields left at their defaults are not passed to the kernel."""
@@ -119,23 +141,8 @@ class AttentionCase:
         heads = f"H{self.heads}" + (f"/{self.heads_kv}" if "gqa" in self.requires() else "")
         dims = f"D{self.head_dim}" + (f"/{self.head_dim_v}" if "head_dim_v" in self.requires() else "")
         parts = [f"attention {self.dtype}", f"B{self.batch} {heads} Sq{self.seqlen_q} Sk{self.seqlen_k} {dims}"]
-        if self.causal:
-            parts.append("causal")
-        if "window_size" in self.requires():
-            parts.append(f"window={self.window_size}")
-        if self.softcap > 0:
-            parts.append(f"softcap={self.softcap:g}")
-        if self.bias is not None:
-            parts.append(f"{self.bias} bias" + (" with grad" if self.bias_grad else ""))
-        if self.sinks:
-            parts.append("sinks")
-        if self.alibi is not None:
-            parts.append("alibi (Hq,)" if self.alibi == "heads" else "alibi (B,Hq)")
-        if self.dropout_p > 0:
-            parts.append(f"dropout={self.dropout_p:g}")
-        if self.lse_loss:
-            parts.append("lse in loss")
-        return " ".join(parts)
+        bias = None if self.bias is None else f"{self.bias} bias" + (" with grad" if self.bias_grad else "")
+        return " ".join(parts + _option_labels(self, bias, "B"))
 
 
 @dataclass(frozen=True)
@@ -200,21 +207,7 @@ class VarlenCase:
             lengths = f"q=k=({lengths})"
         parts = [f"attention_varlen {self.dtype}", f"N{len(self.seqlens_q)} {heads} Tq{sum(self.seqlens_q)} "
                  f"Tk{sum(self.seqlens_k)} {dims}", lengths]
-        if self.causal:
-            parts.append("causal")
-        if self.window_size != (-1, -1):
-            parts.append(f"window={self.window_size}")
-        if self.softcap > 0:
-            parts.append(f"softcap={self.softcap:g}")
-        if self.sinks:
-            parts.append("sinks")
-        if self.alibi is not None:
-            parts.append("alibi (Hq,)" if self.alibi == "heads" else "alibi (N,Hq)")
-        if self.dropout_p > 0:
-            parts.append(f"dropout={self.dropout_p:g}")
-        if self.lse_loss:
-            parts.append("lse in loss")
-        return " ".join(parts)
+        return " ".join(parts + _option_labels(self, None, "N"))
 
 
 @dataclass(frozen=True)

@@ -260,3 +260,21 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
             raise TypeError(f"{name} must be an int or None, got {type(bound).__name__} {bound!r}")
         if bound < 0:
             raise ValueError(f"{name} must be >= 0, got {bound}")
+
+
+def resolve_score_options(q, causal, return_lse, softmax_scale, window_size, softcap, sinks, alibi_slopes, dropout_p,
+                          num_seqs: int | None = None) -> tuple:
+    """The options ``flash_attention`` and ``flash_attention_varlen`` share, checked and resolved:
+    ``(scale, window_left, window_right, softcap, alibi_slopes, dropout_p)``, the slopes detached and float32
+    (``num_seqs``: a packed batch's sequence count, for the slopes' per-sequence shape)."""
+    check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    left, right = resolve_window(window_size, causal)
+    softcap = resolve_softcap(softcap)
+    dropout_p = resolve_dropout_p(dropout_p)
+    check_sinks(sinks, q)
+    check_alibi_slopes(alibi_slopes, q, num_seqs)
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.detach().to(torch.float32)
+    return scale, left, right, softcap, alibi_slopes, dropout_p

@@ -25,15 +25,9 @@ from flash_softmax._backend import backend_for, backend_reason, record_fallback
 from flash_softmax.attention import ops
 from flash_softmax.attention.checks import (
     broadcast_attn_bias,
-    check_alibi_slopes,
     check_attention_inputs,
     check_attn_bias,
-    check_flag,
-    check_sinks,
-    resolve_dropout_p,
-    resolve_softcap,
-    resolve_softmax_scale,
-    resolve_window,
+    resolve_score_options,
 )
 from flash_softmax.attention.common import LN2
 from flash_softmax.attention.ops import attention_forward_op, last_dim_contiguous
@@ -124,20 +118,12 @@ def flash_attention(
     warns once (``flash_softmax.FallbackWarning``) and is counted in ``flash_softmax.stats()``.
     """
     check_attention_inputs(q, k, v)
-    check_flag("causal", causal)
-    check_flag("return_lse", return_lse)
-    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-    left, right = resolve_window(window_size, causal)
-    softcap = resolve_softcap(softcap)
-    dropout_p = resolve_dropout_p(dropout_p)
+    scale, left, right, softcap, alibi_slopes, dropout_p = resolve_score_options(
+        q, causal, return_lse, softmax_scale, window_size, softcap, sinks, alibi_slopes, dropout_p)
     if attn_bias is not None:
         check_attn_bias(attn_bias, q, k)
         if attn_bias.dtype == torch.bool:
             attn_bias = attn_bias.detach()  # a keep-mask has no gradient
-    check_sinks(sinks, q)
-    check_alibi_slopes(alibi_slopes, q)
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.detach().to(torch.float32)
     rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
     if backend_for(q.device) == "torch":
         record_fallback("attention_forward", backend_reason(q.device))

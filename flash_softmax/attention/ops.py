@@ -175,12 +175,6 @@ attention_forward_op.register_autograd(backward, setup_context=setup_context)
 # (``PackedBatch.as_batch``), with no bias.
 
 
-def _varlen_options(sinks, alibi_slopes, rng_state, softmax_scale, window_left, window_right, softcap,
-                    dropout_p) -> KernelOptions:
-    return KernelOptions(softmax_scale, window_left, window_right, softcap, None, sinks, alibi_slopes, dropout_p,
-                         rng_state if dropout_p > 0 else None)
-
-
 @torch.library.custom_op("flash_softmax::attention_varlen_forward", mutates_args=())
 def attention_varlen_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -194,8 +188,8 @@ def attention_varlen_forward_op(
     Everything already validated (``check_varlen_inputs``); the other arguments as for
     ``attention_forward_op``, with ``alibi_slopes`` ``(Hq,)`` or ``(N, Hq)``."""
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
-    options = _varlen_options(sinks, alibi_slopes, rng_state, softmax_scale, window_left, window_right, softcap,
-                              dropout_p)
+    options = _kernel_options(q, k, None, sinks, alibi_slopes, rng_state, softmax_scale, window_left, window_right,
+                              softcap, dropout_p)
     packed = PackedBatch(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     record("attention_varlen_forward", backend_for(q.device))
     with device_guard(q):
@@ -224,8 +218,8 @@ def attention_varlen_backward_op(
     empty ``(0,)`` tensor without sinks."""
     dout, q = last_dim_contiguous(dout), last_dim_contiguous(q)
     k, v = last_dim_contiguous(k), last_dim_contiguous(v)
-    options = _varlen_options(sinks, alibi_slopes, rng_state, softmax_scale, window_left, window_right, softcap,
-                              dropout_p)
+    options = _kernel_options(q, k, None, sinks, alibi_slopes, rng_state, softmax_scale, window_left, window_right,
+                              softcap, dropout_p)
     packed = PackedBatch(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     record("attention_varlen_backward", backend_for(q.device))
     batch_views = (PackedBatch.as_batch(t) for t in (dout, q, k, v, out))

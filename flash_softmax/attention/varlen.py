@@ -16,16 +16,7 @@ from flash_softmax import reference
 from flash_softmax._backend import backend_for, backend_reason, record_fallback
 from flash_softmax._random import dropout_rng_state
 from flash_softmax.attention import ops
-from flash_softmax.attention.checks import (
-    check_alibi_slopes,
-    check_flag,
-    check_sinks,
-    check_varlen_inputs,
-    resolve_dropout_p,
-    resolve_softcap,
-    resolve_softmax_scale,
-    resolve_window,
-)
+from flash_softmax.attention.checks import check_varlen_inputs, resolve_score_options
 from flash_softmax.attention.common import LN2
 from flash_softmax.attention.ops import attention_varlen_forward_op, last_dim_contiguous
 
@@ -110,16 +101,9 @@ def flash_attention_varlen(
     which warns once (``flash_softmax.FallbackWarning``).
     """
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    check_flag("causal", causal)
-    check_flag("return_lse", return_lse)
-    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-    left, right = resolve_window(window_size, causal)
-    softcap = resolve_softcap(softcap)
-    dropout_p = resolve_dropout_p(dropout_p)
-    check_sinks(sinks, q)
-    check_alibi_slopes(alibi_slopes, q, num_seqs=cu_seqlens_q.shape[0] - 1)
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.detach().to(torch.float32)
+    scale, left, right, softcap, alibi_slopes, dropout_p = resolve_score_options(
+        q, causal, return_lse, softmax_scale, window_size, softcap, sinks, alibi_slopes, dropout_p,
+        num_seqs=cu_seqlens_q.shape[0] - 1)
     rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
     if backend_for(q.device) == "torch":
         record_fallback("attention_varlen_forward", backend_reason(q.device))
