@@ -7,7 +7,12 @@
 
 from flash_softmax import reference, testing
 from flash_softmax._backend import FallbackWarning, reset_stats, stats
-from flash_softmax.attention import FlashAttention, flash_attention, flash_attention_varlen
+from flash_softmax.attention import (
+    FlashAttention,
+    flash_attention,
+    flash_attention_varlen,
+    flash_attention_with_kvcache,
+)
 from flash_softmax.mha import MultiheadAttention
 from flash_softmax.sdpa import patch_sdpa, scaled_dot_product_attention
 from flash_softmax.softmax import LogSoftmax, Softmax, log_softmax, softmax

@@ -12,7 +12,7 @@ import torch
 
 from flash_softmax._random import DROPOUT_BITS, dropout_rng_state, dropout_threshold
 
-__all__ = ["attention", "attention_varlen", "softmax", "log_softmax", "compute_dtype", "band_mask", "alibi_bias",
+__all__ = ["attention", "attention_varlen", "attention_kvcache", "softmax", "log_softmax", "compute_dtype", "band_mask", "alibi_bias",
            "dropout_keep_mask", "philox"]
 
 _MASK32 = 0xFFFFFFFF
@@ -301,6 +301,96 @@ def attention_varlen(
     if return_lse:
         return out, torch.cat(lses, dim=1)
     return out
+
+
+def _cache_lengths(cache_seqlens, batch: int, capacity: int, new_keys: int) -> list[int]:
+    """``cache_seqlens`` (None, an int, or a ``(B,)`` integer tensor) as Python ints, each checked to leave room
+    for the ``new_keys``. (The reference reads the values; the kernels cannot without synchronising.)"""
+    if cache_seqlens is None:
+        return [capacity - new_keys] * batch
+    if isinstance(cache_seqlens, int):
+        lengths = [cache_seqlens] * batch
+    else:
+        lengths = [int(n) for n in cache_seqlens.detach().cpu().tolist()]
+    for index, length in enumerate(lengths):
+        if not 0 <= length <= capacity - new_keys:
+            raise ValueError(f"cache_seqlens[{index}] = {length} must be in [0, capacity - Sn] = [0, "
+                             f"{capacity - new_keys}] (the cache holds {capacity} tokens, {new_keys} are appended)")
+    return lengths
+
+
+def attention_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    cache_seqlens: torch.Tensor | int | None = None,
+    block_table: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    return_lse: bool = False,
+    upcast: bool = True,
+):
+    """Attention over a key/value cache, with the semantics of ``flash_softmax.flash_attention_with_kvcache``:
+    the new ``k``, ``v`` written into the caches in place, then each sequence's ``L_b`` cached keys gathered
+    (through ``block_table`` when paged) and attended by a batch-1 call of :func:`attention`.
+
+    Args:
+        q: ``(B, Hq, Sq, D)``.
+        k_cache, v_cache: ``(B, Hkv, Smax, D / Dv)``, or with ``block_table (B, pages_per_seq)``
+            ``(num_pages, Hkv, page_size, D / Dv)``: position ``p`` of sequence ``b`` is slot ``p % page_size``
+            of page ``block_table[b, p // page_size]``.
+        k, v: None or ``(B, Hkv, Sn, D / Dv)``, written at positions ``cache_seqlens[b] ...`` (modifies the caches).
+        cache_seqlens: tokens cached before the call, an int or ``(B,)``; None means the whole capacity.
+        causal, softmax_scale, window_size, softcap, sinks, alibi_slopes (``(Hq,)`` or ``(B, Hq)``), return_lse,
+            upcast: as in :func:`attention`, aligned to the bottom-right of each ``Sq x L_b`` score matrix.
+
+    Returns:
+        ``out (B, Hq, Sq, Dv)`` in q's dtype, and with ``return_lse`` ``lse (B, Hq, Sq)`` float32 (natural log).
+    """
+    batch = q.shape[0]
+    new_keys = 0 if k is None else k.shape[2]
+    page_size = k_cache.shape[2]
+    capacity = page_size if block_table is None else block_table.shape[1] * page_size
+    lengths = _cache_lengths(cache_seqlens, batch, capacity, new_keys)
+    pages = None if block_table is None else block_table.detach().cpu().tolist()
+
+    def locate(index: int, position: int) -> tuple[int, int]:
+        if pages is None:
+            return index, position
+        return pages[index][position // page_size], position % page_size
+
+    outputs, lses = [], []
+    for index in range(batch):
+        for offset in range(new_keys):
+            outer, slot = locate(index, lengths[index] + offset)
+            k_cache[outer, :, slot] = k[index, :, offset]
+            v_cache[outer, :, slot] = v[index, :, offset]
+        places = [locate(index, position) for position in range(lengths[index] + new_keys)]
+        outer = torch.tensor([p[0] for p in places], dtype=torch.long, device=k_cache.device)
+        slot = torch.tensor([p[1] for p in places], dtype=torch.long, device=k_cache.device)
+        keys = k_cache[outer, :, slot].transpose(0, 1).unsqueeze(0)  # (1, Hkv, L_b, D)
+        values = v_cache[outer, :, slot].transpose(0, 1).unsqueeze(0)
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[index]
+        out_b, lse_b = attention(q[index:index + 1], keys, values, causal=causal, softmax_scale=softmax_scale,
+                                 window_size=window_size, softcap=softcap, sinks=sinks, alibi_slopes=slopes,
+                                 return_lse=True, upcast=upcast)
+        outputs.append(out_b)
+        lses.append(lse_b)
+    if not outputs:
+        out = q.new_zeros(*q.shape[:3], v_cache.shape[-1])
+        lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
+    else:
+        out, lse = torch.cat(outputs), torch.cat(lses)
+    return (out, lse) if return_lse else out
 
 
 def softmax(x: torch.Tensor, dim: int = -1, upcast: bool = True) -> torch.Tensor:

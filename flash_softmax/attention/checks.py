@@ -278,3 +278,114 @@ def resolve_score_options(q, causal, return_lse, softmax_scale, window_size, sof
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.detach().to(torch.float32)
     return scale, left, right, softcap, alibi_slopes, dropout_p
+
+
+BLOCK_TABLE_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_tensor(name: str, value, dims: int, layout: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims {layout}, got {value.dim()} dims with shape {tuple(value.shape)}")
+
+
+def check_kvcache_inputs(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits) -> int:
+    """Raise ``TypeError``/``ValueError`` unless the arguments form a valid ``flash_attention_with_kvcache``
+    call; return the cache's capacity (tokens one sequence can hold).
+
+    q ``(B, Hq, Sq, D)``; k_cache / v_cache ``(B, Hkv, Smax, D / Dv)``, or with ``block_table``
+    ``(num_pages, Hkv, page_size, D / Dv)`` and ``block_table`` int32 (int64 accepted) ``(B, pages_per_seq)``;
+    the caches' last dim contiguous (they are read and written in place); ``k`` / ``v`` both None or
+    ``(B, Hkv, Sn, D / Dv)``; ``cache_seqlens`` None (the caches are full), an int, or an int32/int64 ``(B,)``
+    tensor, and given whenever ``k`` is; ``num_splits`` an int >= 0. Only shapes, dtypes and devices are read
+    (plus the value of an int ``cache_seqlens``): a tensor's values stay on the device."""
+    _check_tensor("q", q, 4, "(batch, heads, seqlen, head_dim)")
+    paged = block_table is not None
+    cache_layout = "(num_pages, heads, page_size, head_dim)" if paged else "(batch, heads, max_seqlen, head_dim)"
+    _check_tensor("k_cache", k_cache, 4, cache_layout)
+    _check_tensor("v_cache", v_cache, 4, cache_layout)
+    batch = q.shape[0]
+    # q against the caches: dtypes, devices, heads and head dims as a (B, Hkv, S, D) call would be checked.
+    outer = k_cache.shape[0]
+    if not paged and outer != batch:
+        raise ValueError(f"k_cache must have q's batch size {batch} in dim 0 (or pass block_table for a paged "
+                         f"cache), got shape {tuple(k_cache.shape)}")
+    if v_cache.shape[0] != outer or v_cache.shape[2] != k_cache.shape[2]:
+        raise ValueError(f"k_cache and v_cache must agree in dims 0 and 2, got k_cache {tuple(k_cache.shape)} and "
+                         f"v_cache {tuple(v_cache.shape)}")
+    if outer == 0 and paged:
+        raise ValueError(f"k_cache must hold at least one page, got shape {tuple(k_cache.shape)}")
+    check_attention_inputs(q, *(t[:1].expand(batch, -1, -1, -1) for t in (k_cache, v_cache)))
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.stride(-1) != 1 and cache.shape[-1] != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride 1; it is written in place), got "
+                             f"strides {tuple(cache.stride())}")
+    if paged:
+        if not isinstance(block_table, torch.Tensor):
+            raise TypeError(f"block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
+        if block_table.dtype not in BLOCK_TABLE_DTYPES:
+            raise TypeError(f"block_table must have dtype int32 or int64, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"block_table must have shape (B, pages_per_seq) with B = {batch}, got shape "
+                             f"{tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table must be on q's device {q.device}, got {block_table.device}")
+        if k_cache.shape[2] < 1:
+            raise ValueError(f"k_cache's page size (dim 2) must be >= 1, got shape {tuple(k_cache.shape)}")
+    capacity = k_cache.shape[2] * (block_table.shape[1] if paged else 1)
+
+    if (k is None) != (v is None):
+        raise ValueError(f"k and v must be given together, got k {_describe(k)} and v {_describe(v)}")
+    new_keys = 0
+    if k is not None:
+        _check_tensor("k", k, 4, "(batch, heads, new_seqlen, head_dim)")
+        _check_tensor("v", v, 4, "(batch, heads, new_seqlen, head_dim)")
+        heads_kv, head_dim, head_dim_v = k_cache.shape[1], k_cache.shape[3], v_cache.shape[3]
+        for name, tensor, want in (("k", k, (batch, heads_kv, k.shape[2], head_dim)),
+                                   ("v", v, (batch, heads_kv, k.shape[2], head_dim_v))):
+            if tuple(tensor.shape) != want:
+                raise ValueError(f"{name} must have shape (B, Hkv, Sn, {'D' if name == 'k' else 'Dv'}) = {want} to "
+                                 f"match q and the caches, got {tuple(tensor.shape)}")
+            if tensor.dtype != q.dtype:
+                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {tensor.dtype}")
+            if tensor.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
+        new_keys = k.shape[2]
+        if cache_seqlens is None:
+            raise ValueError("cache_seqlens is required with k and v: it says where in the cache they are written")
+        if new_keys > capacity:
+            raise ValueError(f"k and v append Sn = {new_keys} tokens to a cache that holds {capacity}")
+
+    if isinstance(cache_seqlens, torch.Tensor):
+        if cache_seqlens.dtype not in CU_SEQLENS_DTYPES:
+            raise TypeError(f"cache_seqlens must have dtype int32 or int64, got {cache_seqlens.dtype}")
+        if tuple(cache_seqlens.shape) != (batch,):
+            raise ValueError(f"cache_seqlens must have shape (B,) = ({batch},), got {tuple(cache_seqlens.shape)}")
+        if cache_seqlens.device != q.device:
+            raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+    elif cache_seqlens is not None:
+        if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, numbers.Integral):
+            raise TypeError(f"cache_seqlens must be an int, a (B,) int32 tensor or None, got "
+                            f"{type(cache_seqlens).__name__} {cache_seqlens!r}")
+        if not 0 <= cache_seqlens <= capacity - new_keys:
+            raise ValueError(f"cache_seqlens must be in [0, capacity - Sn] = [0, {capacity - new_keys}] (the cache "
+                             f"holds {capacity} tokens, {new_keys} are appended), got {cache_seqlens}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__} {num_splits!r}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be >= 0 (0 chooses, 1 never splits), got {num_splits}")
+    return capacity
+
+
+def _describe(value) -> str:
+    return "None" if value is None else f"{type(value).__name__}"
+
+
+def check_inference_only(q: torch.Tensor, function: str) -> None:
+    """Raise when q requires grad with grad mode on: ``function`` has no backward."""
+    if q.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{function} is inference only (it has no backward), but q requires grad with grad mode on: call it "
+            "under torch.no_grad() / torch.inference_mode(), pass q.detach(), or use flash_attention for training"
+        )

@@ -43,8 +43,10 @@ AUTOTUNE = os.environ.get("FLASH_SOFTMAX_AUTOTUNE", "0").strip().lower() in {"1"
 MIN_DOT_SIZE = 16
 MAX_HEAD_DIM = 256
 
-#: The kernels that take a ``KernelConfig``.
+#: The kernels that take a ``KernelConfig`` from a space, a table and ``tune``.
 KERNEL_NAMES = ("forward", "backward_dkdv", "backward_dq")
+#: What ``override`` can force: those, and the decode kernel's tile (decode.py, not tuned yet).
+OVERRIDABLE_KERNELS = KERNEL_NAMES + ("decode",)
 
 # Blocks of 32 keep the interpreter quick while still giving multi-block loops on small test shapes.
 _INTERPRETER_BLOCK = 32
@@ -327,12 +329,13 @@ _cache: dict[tuple, KernelConfig] = {}
 def override(**configs: KernelConfig):
     """Force configurations inside a ``with`` block, e.g. ``override(forward=KernelConfig(128, 64, 8, 3))``.
 
-    Keyword names are ``KERNEL_NAMES`` (``forward``, ``backward_dkdv``, ``backward_dq``). Used by tests
-    to run the GPU tiles in the interpreter and by ``flash-softmax tune`` to time each candidate.
+    Keyword names are ``OVERRIDABLE_KERNELS`` (``forward``, ``backward_dkdv``, ``backward_dq``, ``decode``).
+    Used by tests to run the GPU tiles in the interpreter and by ``flash-softmax tune`` to time each
+    candidate. A forced ``forward`` also keeps ``flash_attention`` off the decode kernels.
     """
     for name, config in configs.items():
-        if name not in KERNEL_NAMES:
-            raise ValueError(f"override() takes kernel names {KERNEL_NAMES}, got {name!r}")
+        if name not in OVERRIDABLE_KERNELS:
+            raise ValueError(f"override() takes kernel names {OVERRIDABLE_KERNELS}, got {name!r}")
         if not isinstance(config, KernelConfig):
             raise TypeError(f"override({name}=...) must be a KernelConfig, got {type(config).__name__}")
     saved = dict(_overrides)
@@ -344,6 +347,11 @@ def override(**configs: KernelConfig):
         _overrides.clear()
         _overrides.update(saved)
         _cache.clear()
+
+
+def forced_config(kernel: str) -> KernelConfig | None:
+    """The configuration ``override`` forces for ``kernel`` right now, or None."""
+    return _overrides.get(kernel)
 
 
 def config_key(kernel: str, dtype_name: str, head_dim: int, head_dim_v: int, causal: bool,

@@ -29,6 +29,7 @@ import torch
 from flash_softmax._backend import backend_for, device_guard, record
 from flash_softmax.attention.backward import attention_backward
 from flash_softmax.attention.checks import broadcast_attn_bias, pad_to_four_dims
+from flash_softmax.attention.decode import attention_decode, kvcache_append
 from flash_softmax.attention.forward import attention_forward
 from flash_softmax.attention.layout import empty_in_layout_of
 from flash_softmax.attention.options import KernelOptions, PackedBatch
@@ -36,9 +37,11 @@ from flash_softmax.attention.options import KernelOptions, PackedBatch
 __all__ = [
     "attention_backward_op",
     "attention_forward_op",
+    "attention_kvcache_op",
     "attention_varlen_backward_op",
     "attention_varlen_forward_op",
     "backward",
+    "kvcache_append_op",
     "last_dim_contiguous",
     "setup_context",
     "varlen_backward",
@@ -260,3 +263,56 @@ def varlen_backward(ctx, dout, dlse):
 
 
 attention_varlen_forward_op.register_autograd(varlen_backward, setup_context=varlen_setup_context)
+
+
+# --- KV cache (decoding) -------------------------------------------------------------------------------
+# ``torch.ops.flash_softmax.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, cache_length)``
+# writes new keys and values into the caches in place; ``torch.ops.flash_softmax.attention_kvcache(...)
+# -> (out, lse)`` then reads them. Two ops, so that the one that mutates returns nothing and the one that
+# returns never mutates: torch.compile orders them by the caches they share.
+
+
+@torch.library.custom_op("flash_softmax::kvcache_append", mutates_args=("k_cache", "v_cache"))
+def kvcache_append_op(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None, cache_length: int,
+) -> None:
+    """Write ``k (B, Hkv, Sn, D)`` and ``v`` into the caches at positions ``cache_seqlens[b] + j`` (or
+    ``cache_length + j`` when ``cache_seqlens`` is None), through ``block_table`` for a paged cache. Everything
+    already validated (``check_kvcache_inputs``)."""
+    record("kvcache_append", backend_for(k.device))
+    with device_guard(k):
+        kvcache_append(k_cache, v_cache, last_dim_contiguous(k), last_dim_contiguous(v), cache_seqlens,
+                       cache_length, block_table)
+
+
+@kvcache_append_op.register_fake
+def _(k_cache, v_cache, k, v, cache_seqlens, block_table, cache_length):
+    return None
+
+
+@torch.library.custom_op("flash_softmax::attention_kvcache", mutates_args=())
+def attention_kvcache_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor | None,
+    block_table: torch.Tensor | None, sinks: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+    cache_length: int, new_keys: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out (B, Hq, Sq, Dv)`` laid out like q and ``lse (B, Hq, Sq)`` float32 in base 2 of attention over the
+    caches (``decode.attention_decode``): sequence ``b`` covers ``L_b = cache_seqlens[b] + new_keys`` keys (or
+    ``cache_length + new_keys``). Everything already validated; the others as for ``attention_forward_op``."""
+    q = last_dim_contiguous(q)
+    options = KernelOptions(softmax_scale, window_left, window_right, softcap, None, sinks, alibi_slopes)
+    record("attention_kvcache", backend_for(q.device))
+    with device_guard(q):
+        return attention_decode(q, k_cache, v_cache, options, cache_seqlens=cache_seqlens, cache_length=cache_length,
+                                new_keys=new_keys, block_table=block_table, num_splits=num_splits)
+
+
+@attention_kvcache_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, block_table, sinks, alibi_slopes, cache_length, new_keys, softmax_scale,
+      window_left, window_right, softcap, num_splits):
+    q = last_dim_contiguous(q)
+    batch, heads_q, seqlen_q, _ = q.shape
+    out = empty_in_layout_of(q, (batch, heads_q, seqlen_q, v_cache.shape[3]), q.dtype)
+    return out, q.new_empty((batch, heads_q, seqlen_q), dtype=KernelOptions.statistics_dtype(q))
