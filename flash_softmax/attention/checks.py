@@ -316,7 +316,25 @@ def check_kvcache_inputs(q, k_cache, v_cache, k, v, cache_seqlens, block_table, 
                          f"v_cache {tuple(v_cache.shape)}")
     if outer == 0 and paged:
         raise ValueError(f"k_cache must hold at least one page, got shape {tuple(k_cache.shape)}")
-    check_attention_inputs(q, *(t[:1].expand(batch, -1, -1, -1) for t in (k_cache, v_cache)))
+    for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must have dtype {_dtype_names()}, got {tensor.dtype}")
+        if tensor.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {tensor.dtype}")
+        if tensor.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
+    heads_q, heads_kv = q.shape[1], k_cache.shape[1]
+    if v_cache.shape[1] != heads_kv:
+        raise ValueError(f"k_cache and v_cache must have the same number of heads, got {heads_kv} and "
+                         f"{v_cache.shape[1]}")
+    if heads_kv == 0 or heads_q % heads_kv:
+        raise ValueError(f"the number of query heads must be a multiple of the key/value heads (Hq % Hkv == 0), "
+                         f"got q with {heads_q} heads and the caches with {heads_kv}")
+    if k_cache.shape[3] != q.shape[3]:
+        raise ValueError(f"q and k_cache must have the same head dim, got q {q.shape[3]}, k_cache {k_cache.shape[3]}")
+    for name, size in (("q and k_cache", q.shape[3]), ("v_cache", v_cache.shape[3])):
+        if not 1 <= size <= MAX_HEAD_DIM:
+            raise ValueError(f"head dim of {name} must be between 1 and {MAX_HEAD_DIM}, got {size}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.stride(-1) != 1 and cache.shape[-1] != 1:
             raise ValueError(f"{name} must have a contiguous last dim (stride 1; it is written in place), got "

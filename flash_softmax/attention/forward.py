@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from flash_softmax._triton_helpers import dot_operand, round_to_dtype
-from flash_softmax.attention import configs
+from flash_softmax.attention import configs, decode
 from flash_softmax.attention.common import (
     INTERIOR,
     LOG2E_CONSTEXPR,
@@ -232,7 +232,13 @@ def attention_forward(
     Returns:
         ``out (B, Hq, Sq, Dv)`` in q's dtype, and ``lse (B, Hq, Sq)`` float32 (base 2, -inf for a row
         that sees no key); for a packed batch ``out (T, Hq, Dv)`` contiguous and ``lse (Hq, T)``.
+
+    Decode shapes (a few query rows over many keys, ``decode.takes_decode_path``) run the decode kernels,
+    which share each K/V tile among a group's query heads and split the keys to fill the GPU; they return
+    the same ``out`` and ``lse``, so the backward is the same.
     """
+    if packed is None and decode.takes_decode_path(q, k, options):
+        return decode.attention_decode(q, k, v, options, cache_length=k.shape[2])
     batch, heads_q, seqlen_q, _ = q.shape
     statistics_dtype = options.statistics_dtype(q)
     if packed is None:
