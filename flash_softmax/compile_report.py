@@ -21,7 +21,13 @@ since Triton silently falls back to mma.sync when a tile shape does not suit wgm
 with this report, and the test suite checks that every configuration they keep is ok.
 
 A dK/dV configuration with ``split_dkdv`` is launched twice (dV, then dK: ``backward.dkdv_parts``) and is
-reported as its two compiled parts. Compilation runs in worker processes, one configuration per task.
+reported as its two compiled parts.
+
+The decode kernel (``decode``, ``flash_attention_with_kvcache``; asked for by name, it is not in the default
+set) is reported per row tile that ``decode.decode_config`` picks (16, 32 and 64 query rows), each over a
+contiguous and a paged cache, with and without split-KV, and with every score modifier on (the most
+registers). It streams the cache once and its row tile is often a single group's 16 rows, below the 64 that
+wgmma needs, so it is held to compiling without spills within shared memory, not to wgmma. Compilation runs in worker processes, one configuration per task.
 
 This must run with compiled kernels, i.e. without ``TRITON_INTERPRET`` (the CLI makes sure of that).
 """
@@ -44,9 +50,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from flash_softmax.attention import backward
+from flash_softmax.attention import backward, decode, forward
 from flash_softmax.attention import configs as attention_configs
-from flash_softmax.attention import forward
 
 #: Compute capability and the most dynamic shared memory one block may request (bytes, opt-in limit).
 ARCHITECTURES = {
@@ -60,8 +65,15 @@ WGMMA_DTYPES = ("float16", "bfloat16")
 SELECTIONS = ("defaults", "pruned", "unpruned")
 _FLOAT_ARGUMENTS = {"softmax_scale", "qk_scale", "softcap_scale", "softcap_log2", "dropout_scale"}
 _STATISTICS_POINTERS = {"LSE", "Delta"}  # float32, float64 for float64 inputs
-# Pointers of a fixed type whatever the inputs': ALiBi slopes are float32, dropout's state int64.
-_TYPED_POINTERS = {"Alibi": "*fp32", "Rng": "*i64"}
+# Pointers of a fixed type whatever the inputs': ALiBi slopes are float32, dropout's state int64, the decode
+# kernel's lengths and page table int32 and its split workspace float32.
+_TYPED_POINTERS = {"Alibi": "*fp32", "Rng": "*i64", "CacheSeqlens": "*i32", "BlockTable": "*i32",
+                   "OutPartial": "*fp32", "LSEPartial": "*fp32"}
+#: Kernels the report compiles: the tuned ones (``configs.KERNEL_NAMES``) and, when named, ``decode``.
+REPORT_KERNELS = attention_configs.KERNEL_NAMES + ("decode",)
+#: Query rows per (batch, K/V head) whose decode tiles the report compiles: a decode step's group (16-row
+#: tile), and the 32- and 64-row tiles of speculative decoding and chunks.
+DECODE_ROWS = (1, 32, 64)
 # The instructions counted in the SASS; HGMMA is counted per shape.
 _COUNTED = ("HMMA", "UTMALDG", "UTMASTG", "LDGSTS")
 # A SASS instruction line: "/*0a90*/  @!P0 HGMMA.64x32x16.F32.BF16 R104, ..." -> opcode and modifiers.
@@ -79,6 +91,7 @@ def jit_function(kernel: str) -> JITFunction:
     """The Triton kernel of a kernel name of ``configs.KERNEL_NAMES`` (``forward``, ``backward_dkdv``,
     ``backward_dq``)."""
     functions = {
+        "decode": decode._attn_decode_kernel,
         "forward": forward._attn_fwd_kernel,
         "backward_dkdv": backward._attn_bwd_dkdv_kernel,
         "backward_dq": backward._attn_bwd_dq_kernel,
@@ -96,10 +109,14 @@ def parts(kernel: str, config: attention_configs.KernelConfig) -> list[dict]:
     """The constexprs of each launch a configuration makes (one, or dV then dK for a split dK/dV)."""
     if kernel == "backward_dkdv":
         return backward.dkdv_parts(config)
+    if kernel == "decode":
+        return [dict(PAGED=paged, SPLIT=split) for paged in (False, True) for split in (False, True)]
     return [{}]
 
 
 def _part_suffix(part: dict, count: int) -> str:
+    if "PAGED" in part:
+        return " " + " ".join(("paged" if part["PAGED"] else "contiguous", *(("split",) if part["SPLIT"] else ())))
     if count == 1:
         return ""
     computed = [name for name, key in (("dk", "COMPUTE_DK"), ("dv", "COMPUTE_DV")) if part.get(key)]
@@ -150,7 +167,7 @@ class Report:
 
     @property
     def needs_wgmma(self) -> bool:
-        return self.arch == "sm_90a" and self.dtype in WGMMA_DTYPES
+        return self.arch == "sm_90a" and self.dtype in WGMMA_DTYPES and self.kernel != "decode"
 
     def problems(self) -> list[str]:
         if self.error:
@@ -295,8 +312,32 @@ def kernel_constexprs(kernel: str, head_dim: int, causal: bool, config, part: di
     """Every constexpr of one launch of ``kernel``: the call's, the configuration's and the part's. A dK/dV
     launch that splits grouped heads into shares (``SPLIT_GROUPS``) only happens with few K/V heads on a
     large GPU; the report compiles the plain one."""
+    if kernel == "decode":
+        return decode_constexprs(head_dim, causal, config, part)
     extra = {"SPLIT_GROUPS": False} if kernel == "backward_dkdv" else {}
     return {**attention_constexprs(head_dim, causal), **config.constexprs(), **extra, **part}
+
+
+def decode_constexprs(head_dim: int, causal: bool, config, part: dict) -> dict:
+    """The decode kernel's constexprs for a launch with every score modifier on (window, softcap, sinks, ALiBi)
+    and per-sequence lengths, on the cache layout and split of ``part``."""
+    width = attention_configs.padded_head_dim(head_dim)
+    return dict(
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=width, BLOCK_DV=width, HAS_LEFT=True, HAS_RIGHT=causal,
+        HAS_SOFTCAP=True, HAS_SINKS=True, HAS_ALIBI=True, HAS_SEQLENS=True, ACC_DTYPE=tl.float32,
+        INTERPRETED_BFLOAT16=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **part,
+    )
+
+
+def decode_configs(head_dim: int) -> list:
+    """The decode tiles ``decode.decode_config`` picks for ``DECODE_ROWS`` query rows at this head dim."""
+    chosen = []
+    for rows in DECODE_ROWS:
+        shape = decode.DecodeShape(batch=1, heads_q=rows, heads_kv=1, seqlen_q=1, capacity=4096)
+        config = decode.decode_config(shape, head_dim, head_dim)
+        if config not in chosen:
+            chosen.append(config)
+    return chosen
 
 
 def compile_report(report: Report) -> Report:
@@ -314,8 +355,8 @@ def compile_report(report: Report) -> Report:
 def reports_for(kernel: str, config, arch: str, dtype: str, head_dim: int, causal: bool,
                 kept: bool = True) -> list[Report]:
     """The reports (not yet compiled) of one configuration: one per launch it makes."""
-    if kernel not in attention_configs.KERNEL_NAMES:
-        raise ValueError(f"kernel must be one of {attention_configs.KERNEL_NAMES}, got {kernel!r}")
+    if kernel not in REPORT_KERNELS:
+        raise ValueError(f"kernel must be one of {REPORT_KERNELS}, got {kernel!r}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
     if dtype not in DTYPES:
@@ -331,6 +372,8 @@ def selected_configs(kernel: str, arch: str, dtype: str, head_dim: int, selectio
     (``"defaults"``), those the pruning keeps (``"pruned"``), or the whole bucket (``"unpruned"``)."""
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if kernel == "decode":  # no space to prune: the tiles decode_config picks
+        return [(config, True) for config in decode_configs(head_dim)]
     _, shared_limit = ARCHITECTURES[arch]
     element_size = 4 if dtype == "float32" else 2
     kept = attention_configs.prune(kernel, head_dim, head_dim, element_size, shared_limit, arch=arch)
@@ -398,16 +441,17 @@ def compile_reports(reports: list[Report], jobs: int | None = None, progress=Non
 
 def run_reports(archs, dtypes, head_dims, kernels=None, causal=(True,), selection: str = "pruned",
                 progress=None, jobs: int | None = None) -> list[Report]:
-    """Compile the selected configurations (``selected_configs``) of each kernel (``configs.KERNEL_NAMES``;
-    default all) for every arch, dtype, head dim and causal setting, and report them."""
-    unknown = set(kernels or ()) - set(attention_configs.KERNEL_NAMES)
+    """Compile the selected configurations (``selected_configs``) of each kernel (``REPORT_KERNELS``; default
+    ``configs.KERNEL_NAMES``, the decode kernel only when named) for every arch, dtype, head dim and causal
+    setting, and report them."""
+    unknown = set(kernels or ()) - set(REPORT_KERNELS)
     if unknown:
-        raise ValueError(f"kernels must be some of {attention_configs.KERNEL_NAMES}, got {sorted(unknown)}")
+        raise ValueError(f"kernels must be some of {REPORT_KERNELS}, got {sorted(unknown)}")
     if isinstance(causal, bool):
         causal = (causal,)
     reports = []
-    for kernel in attention_configs.KERNEL_NAMES:
-        if kernels and kernel not in kernels:
+    for kernel in REPORT_KERNELS:
+        if kernel not in (kernels or attention_configs.KERNEL_NAMES):
             continue
         for arch in archs:
             for dtype in dtypes:

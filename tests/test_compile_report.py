@@ -143,3 +143,26 @@ def test_default_configuration_is_the_first_of_its_bucket_that_fits(kernel, arch
         expected = fitting[0] if fitting else configs.small_config(kernel, head_dim, head_dim)
         chosen = configs.default_config(kernel, head_dim, head_dim, element_size, shared_limit=limit, arch=arch)
         assert chosen == expected, (element_size, limit)
+
+
+def test_decode_kernel_compiles_spill_free_on_hopper():
+    """The decode kernel's tiles (decode_config's 16-, 32- and 64-row ones) at D=128 in bfloat16, over contiguous
+    and paged caches, split or not, with every score modifier on: no spills within shared memory on sm_90a,
+    cp.async loads of the cache, and wgmma once the tile has 64 rows (below it, mma.sync, which a decode
+    kernel streaming the cache can afford)."""
+    script = (
+        "import json\n"
+        "from flash_softmax import compile_report as cr\n"
+        "if __name__ == '__main__':\n"
+        "    reports = cr.run_reports(['sm_90a'], ['bfloat16'], [128], kernels=['decode'], jobs=2)\n"
+        "    print(json.dumps([dict(config=r.config, ok=r.ok, verdict=r.verdict, spills=r.spill_bytes, mma=r.mma,\n"
+        "                           ldgsts=r.ldgsts, rows=r.launch.block_m) for r in reports]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=_compiled_environment(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    reports = json.loads(result.stdout)
+    assert len(reports) == 12, reports  # three tiles x (contiguous, paged) x (split or not)
+    for report in reports:
+        assert report["ok"] and report["spills"] == 0 and report["ldgsts"] > 0, report
+        assert report["mma"] == ("wgmma" if report["rows"] == 64 else "mma.sync only"), report

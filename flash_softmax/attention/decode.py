@@ -88,7 +88,8 @@ def decode_config(shape: DecodeShape, head_dim: int, head_dim_v: int) -> configs
     64: ``tl.dot`` needs 16) and ``block_n`` keys, or the one forced by ``configs.override(decode=...)``.
 
     Decoding streams the cache once, so what counts is bytes in flight: 64-key tiles over three stages for
-    heads up to 128 wide, 32 keys for wider ones (their rows are twice as long)."""
+    heads up to 128 wide, 32 keys for wider ones (their rows are twice as long). A 64-row tile takes 8 warps:
+    with 4 it spills at D = 256 and needs 253 registers at D = 128 on sm_90a (notes/perf.md, 'Decoding')."""
     forced = configs.forced_config("decode")
     if forced is not None:
         return forced
@@ -96,7 +97,7 @@ def decode_config(shape: DecodeShape, head_dim: int, head_dim_v: int) -> configs
     if INTERPRETED:
         return configs.KernelConfig(block_m, 32, 4, 1)
     wide = max(head_dim, head_dim_v) > 128
-    return configs.KernelConfig(block_m, 32 if wide else 64, 4, 3)
+    return configs.KernelConfig(block_m, 32 if wide else 64, 8 if block_m == 64 else 4, 3)
 
 
 def row_blocks(shape: DecodeShape, block_m: int) -> int:
@@ -223,7 +224,7 @@ def _attn_decode_kernel(
     batch = batch_head_kv // num_heads_kv
     head_kv = batch_head_kv % num_heads_kv
 
-    _, keys = sequence_keys(CacheSeqlens, batch, cache_length, new_keys, capacity, HAS_SEQLENS)
+    keys = sequence_keys(CacheSeqlens, batch, cache_length, new_keys, capacity, HAS_SEQLENS)[1]
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     total_rows = group_size * seqlen_q
     row_ok = rows < total_rows
