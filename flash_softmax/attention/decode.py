@@ -65,7 +65,7 @@ class DecodeShape:
     """The sizes of one decode launch, fixed on the host (no device value is read).
 
     ``batch``, ``heads_q``, ``heads_kv``, ``seqlen_q``; ``capacity``: the most keys a sequence can hold
-    (``Smax``, or ``pages_per_seq * page_size``); ``new_keys``: ``Sn``, the appended keys."""
+    (``Smax``, or ``pages_per_seq * page_size``)."""
 
     batch: int
     heads_q: int
@@ -101,6 +101,7 @@ def decode_config(shape: DecodeShape, head_dim: int, head_dim_v: int) -> configs
 
 
 def row_blocks(shape: DecodeShape, block_m: int) -> int:
+    """Tiles of ``block_m`` rows over the ``group_size * Sq`` query rows of one (batch, K/V head)."""
     return configs.cdiv(shape.rows, block_m)
 
 
