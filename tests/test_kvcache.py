@@ -342,3 +342,36 @@ def test_gpu_long_caches(dtype, head_dim, layout, page_size):
                         layout=layout, page_size=page_size or 16, dtype=dtype)
         for splits in (0, 1, 37):
             check(problem, causal=True, num_splits=splits)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_follows_the_lengths():
+    """A decode step captured once in a CUDA graph and replayed with new lengths and new tokens: no host
+    synchronisation or value-dependent allocation in the call, so each replay equals an eager call."""
+    problem = Cache([100, 2000, 7, 4000], new_keys=1, heads_q=32, heads_kv=8, head_dim=128, capacity=4096,
+                    layout="paged", page_size=256, dtype=torch.bfloat16)
+    k_cache, v_cache = (cache.nan_to_num(0.0) for cache in (problem.k_cache, problem.v_cache))
+    lengths = problem.cache_seqlens.clone()
+    q, k, v = problem.q.clone(), problem.k.clone(), problem.v.clone()
+
+    def step():
+        return fs.flash_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths,
+                                               block_table=problem.block_table, causal=True)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for new_lengths in ([101, 2001, 8, 4001], [0, 1, 2, 3]):
+        lengths.copy_(torch.tensor(new_lengths, dtype=torch.int32))
+        q.normal_(), k.normal_(), v.normal_()
+        graph.replay()
+        eager_k, eager_v = k_cache.clone(), v_cache.clone()
+        expected = fs.flash_attention_with_kvcache(q, eager_k, eager_v, k, v, cache_seqlens=lengths,
+                                                   block_table=problem.block_table, causal=True)
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
