@@ -83,19 +83,25 @@ class DecodeShape:
         return self.group_size * self.seqlen_q
 
 
-def decode_config(shape: DecodeShape, head_dim: int, head_dim_v: int) -> configs.KernelConfig:
-    """The decode kernel's tile: ``block_m`` query rows (the next power of two of the group's rows, 16 to
-    64: ``tl.dot`` needs 16) and ``block_n`` keys, or the one forced by ``configs.override(decode=...)``.
+def decode_config(shape: DecodeShape, head_dim: int, head_dim_v: int, arch: str | None = None) -> configs.KernelConfig:
+    """The decode kernel's tile on ``arch`` (default: the current device's, ``configs.device_arch``):
+    ``block_m`` query rows (the next power of two of the group's rows, from 16, which ``tl.dot`` needs) and
+    ``block_n`` keys, or the one forced by ``configs.override(decode=...)``.
 
-    Decoding streams the cache once, so what counts is bytes in flight: 64-key tiles over three stages for
-    heads up to 128 wide, 32 keys for wider ones (their rows are twice as long). A 64-row tile takes 8 warps:
-    with 4 it spills at D = 256 and needs 253 registers at D = 128 on sm_90a (notes/perf.md, 'Decoding')."""
+    Decoding streams the cache once, so what counts is bytes in flight: three stages of 64-key tiles on
+    sm_90a for heads up to 128 wide, 32 keys for wider ones (their rows are twice as long), rows up to 64,
+    where a tile takes 8 warps (with 4 it spills at D = 256). sm_80 has fewer registers for the same tiles:
+    rows up to 32 over 32 keys, the largest that compile without spills there with every score modifier on
+    (notes/perf.md, 'Decoding')."""
     forced = configs.forced_config("decode")
     if forced is not None:
         return forced
-    block_m = min(64, max(16, configs.next_power_of_2(shape.rows)))
+    block_m = max(16, configs.next_power_of_2(shape.rows))
     if INTERPRETED:
-        return configs.KernelConfig(block_m, 32, 4, 1)
+        return configs.KernelConfig(min(64, block_m), 32, 4, 1)
+    if (arch or configs.device_arch()) == "sm_80":
+        return configs.KernelConfig(min(32, block_m), 32, 4, 3)
+    block_m = min(64, block_m)
     wide = max(head_dim, head_dim_v) > 128
     return configs.KernelConfig(block_m, 32 if wide else 64, 8 if block_m == 64 else 4, 3)
 
