@@ -34,7 +34,8 @@ test: setup
 # info, the suite compiled on the GPU, `flash-softmax tune`, the benchmark sweeps; $(OUT)/summary.txt).
 # `gpu-dry-run` runs the same script at tiny sizes in Triton's interpreter, on any machine.
 # Without a time limit: `gpu-test` runs the whole suite and the full verify grid, `gpu-bench` the default
-# benchmark sweeps (attention, softmax and a packed varlen batch), `gpu-example` the GPT example at full size with both attentions.
+# benchmark sweeps (attention, softmax, a packed varlen batch and a decoding step), `gpu-example` the GPT example at
+# full size with both attentions.
 gpu:
 	OUT=$(OUT) PYTHON=$(PYTHON) scripts/gpu_check.sh
 
@@ -53,6 +54,7 @@ gpu-bench:
 	PYTHONPATH=. $(PYTHON) -m flash_softmax bench --op softmax --out $(OUT)/results 2>&1 | tee $(OUT)/bench_softmax.txt
 	PYTHONPATH=. $(PYTHON) -m flash_softmax bench --op log_softmax --out $(OUT)/results 2>&1 | tee $(OUT)/bench_log_softmax.txt
 	PYTHONPATH=. $(PYTHON) -m flash_softmax bench --varlen --out $(OUT)/results 2>&1 | tee $(OUT)/bench_varlen.txt
+	PYTHONPATH=. $(PYTHON) -m flash_softmax bench --decode --out $(OUT)/results 2>&1 | tee $(OUT)/bench_decode.txt
 
 gpu-example:
 	mkdir -p $(OUT)

@@ -23,8 +23,13 @@ DTYPE_NAMES = ("float16", "bfloat16", "float32")
 ATTENTION_MODES = ("fwd", "bwd", "fwd_bwd")
 #: The score modifiers ``bench`` times (and ``verify --seqlens`` checks) beside plain attention.
 MODIFIER_NAMES = ("sinks", "alibi", "dropout", "bias")
+#: What ``verify --ops`` checks: flash_attention, flash_attention_varlen, flash_attention_with_kvcache and the
+#: softmaxes.
+VERIFY_OPS = ("attention", "varlen", "kvcache", "softmax")
 #: The attention kernels, as ``tune --kernels`` and ``compile-report --kernels`` name them.
 KERNEL_NAMES = ("forward", "backward_dkdv", "backward_dq")
+#: What ``compile-report --kernels`` also takes: the decode kernel (``flash_attention_with_kvcache``), untuned.
+REPORT_KERNEL_NAMES = KERNEL_NAMES + ("decode",)
 
 _TRUE_WORDS = {"true", "on", "yes", "1"}
 _FALSE_WORDS = {"false", "off", "no", "0"}
@@ -112,10 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--full", dest="grid", action="store_const", const="full",
                       help="the full grid: every length x head dim x causal x dtype (the default on a GPU)")
     _add_shape_flags(verify)
-    verify.add_argument("--ops", nargs="+", choices=("attention", "varlen", "softmax"),
-                        default=["attention", "varlen", "softmax"],
-                        help="which ops to verify: attention, varlen (flash_attention_varlen on packed sequences; "
-                        "the quick and full grids only) and softmax (default: all three)")
+    verify.add_argument("--ops", nargs="+", choices=VERIFY_OPS, default=list(VERIFY_OPS),
+                        help="which ops to verify: attention, varlen (flash_attention_varlen on packed sequences), "
+                        "kvcache (flash_attention_with_kvcache on contiguous and paged caches, appending; varlen and "
+                        "kvcache in the quick and full grids only) and softmax (default: all four)")
     verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
 
     bench = commands.add_parser(
@@ -151,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "without a GPU)")
     bench.add_argument("--varlen-seed", type=_non_negative_int, metavar="S",
                        help="with --varlen: the seed of the lengths (default 0)")
+    bench.add_argument("--decode", action="store_true",
+                       help="time one decoding step (a query per sequence, nothing appended) over a key/value "
+                       "cache of L tokens per sequence: flash_attention_with_kvcache on a contiguous cache "
+                       "(flash_softmax) and a paged one (flash_softmax_paged), SDPA on the cache sliced to L, "
+                       "FlexAttention with a length BlockMask, and a device-to-device copy of the same bytes; latency "
+                       "and K/V bytes read per second against the copy's bandwidth; writes attention_decode.csv. "
+                       "--heads (default 32) and --gqa (default 4) set the heads, --head-dims and --dtypes apply")
+    bench.add_argument("--decode-batches", type=_positive_int, nargs="+", metavar="B",
+                       help="with --decode: batch sizes (default 1 8 64; 1 2 without a GPU)")
+    bench.add_argument("--decode-lengths", type=_positive_int, nargs="+", metavar="L",
+                       help="with --decode: tokens cached per sequence (default 1024 2048 ... 131072, leaving out "
+                       "what does not fit the GPU's memory; 32 64 without a GPU)")
+    bench.add_argument("--decode-page-size", type=_positive_int, metavar="P",
+                       help="with --decode: tokens per page of flash_softmax_paged's cache (default 256; 16 without "
+                       "a GPU)")
     bench.add_argument("--cols", type=_positive_int, nargs="+", metavar="N",
                        help="softmax row lengths (--op softmax / log_softmax)")
     bench.add_argument("--rows", type=_positive_int, help="fix the row count (--op softmax / log_softmax)")
@@ -185,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, default=["bfloat16"], metavar="DTYPE",
                         help="dtypes to compile (default bfloat16)")
     report.add_argument("--head-dims", type=_positive_int, nargs="+", default=[64, 128, 256], metavar="D")
-    report.add_argument("--kernels", nargs="+", metavar="NAME", choices=KERNEL_NAMES,
-                        help=f"kernels to compile: {', '.join(KERNEL_NAMES)} (default: all)")
+    report.add_argument("--kernels", nargs="+", metavar="NAME", choices=REPORT_KERNEL_NAMES,
+                        help=f"kernels to compile: {', '.join(REPORT_KERNEL_NAMES)} (default: the first three; decode, "
+                        "the kernel of flash_attention_with_kvcache, is compiled for its 16/32/64-row tiles over "
+                        "contiguous and paged caches, split or not, and is held to no spills, not to wgmma)")
     report.add_argument("--causal", type=_boolean, nargs="+", default=[True], metavar="BOOL",
                         help="causal settings to compile, e.g. --causal false true (default true)")
     selection = report.add_mutually_exclusive_group()

@@ -20,6 +20,12 @@ kernel and both references drop the same elements.
 The packed cases (:class:`VarlenCase`, :data:`QUICK_VARLEN`, :func:`full_varlen_grid`; ``--ops varlen``) check
 ``flash_attention_varlen`` the same way against ``reference.attention_varlen``: several sequences of odd
 lengths (one of them empty, queries and keys of different lengths) concatenated along dim 0.
+
+The cache cases (:class:`KVCacheCase`, :data:`QUICK_KVCACHE`, :func:`full_kvcache_grid`; ``--ops kvcache``) check
+``flash_attention_with_kvcache`` (inference only: out and lse) against ``reference.attention_kvcache``, on
+sequences of different lengths in one contiguous or paged cache (pages shuffled), with new keys appended. Both
+write the new keys into caches of the same random content, and each cache is compared whole after the call: the
+new positions must hold the new keys and every other entry must be left as it was.
 """
 
 from __future__ import annotations
@@ -40,18 +46,19 @@ from flash_softmax.bench.attention import DROPOUT_P as BENCH_DROPOUT_P
 from flash_softmax.testing import GRADIENT_FACTOR, OUTPUT_FACTOR, Comparison, compare
 
 #: The functions under test, looked up at every call. None means the package's own function
-#: (``flash_attention``, ``flash_attention_varlen``, ``softmax``, ``log_softmax``); tests put a deliberately
-#: wrong one here to see ``verify`` fail.
-KERNELS: dict[str, Callable | None] = {"attention": None, "attention_varlen": None, "softmax": None,
-                                       "log_softmax": None}
+#: (``flash_attention``, ``flash_attention_varlen``, ``flash_attention_with_kvcache``, ``softmax``,
+#: ``log_softmax``); tests put a deliberately wrong one here to see ``verify`` fail.
+KERNELS: dict[str, Callable | None] = {"attention": None, "attention_varlen": None, "attention_kvcache": None,
+                                       "softmax": None, "log_softmax": None}
 
 _PACKAGE_FUNCTIONS = {"attention": "flash_attention", "attention_varlen": "flash_attention_varlen",
-                      "softmax": "softmax", "log_softmax": "log_softmax"}
+                      "attention_kvcache": "flash_attention_with_kvcache", "softmax": "softmax",
+                      "log_softmax": "log_softmax"}
 
 
 def kernel(name: str) -> Callable:
-    """The function ``verify`` checks for ``name`` ("attention", "attention_varlen", "softmax" or
-    "log_softmax"). Raises ``AttributeError`` where the package does not have it."""
+    """The function ``verify`` checks for ``name`` ("attention", "attention_varlen", "attention_kvcache",
+    "softmax" or "log_softmax"). Raises ``AttributeError`` where the package does not have it."""
     chosen = KERNELS[name]
     if chosen is not None:
         return chosen
@@ -64,9 +71,9 @@ def kernel(name: str) -> Callable:
 
 
 def _option_labels(case, bias: str | None, batch: str) -> list[str]:
-    """The label words of the options an attention case (``AttentionCase`` or ``VarlenCase``) turns on, in
-    one order: causal, window, softcap, ``bias`` (its description, or None), sinks, ALiBi (per-batch slopes
-    named ``(<batch>,Hq)``), dropout, and a loss on lse."""
+    """The label words of the options an attention case (``AttentionCase``, ``VarlenCase`` or ``KVCacheCase``)
+    turns on, in one order: causal, window, softcap, ``bias`` (its description, or None), sinks, ALiBi (per-batch
+    slopes named ``(<batch>,Hq)``), dropout, and a loss on lse (a kind without dropout or lse loss has neither)."""
     parts = ["causal"] if case.causal else []
     if case.window_size != (-1, -1):
         parts.append(f"window={case.window_size}")
@@ -78,9 +85,9 @@ def _option_labels(case, bias: str | None, batch: str) -> list[str]:
         parts.append("sinks")
     if case.alibi is not None:
         parts.append("alibi (Hq,)" if case.alibi == "heads" else f"alibi ({batch},Hq)")
-    if case.dropout_p > 0:
+    if getattr(case, "dropout_p", 0.0) > 0:
         parts.append(f"dropout={case.dropout_p:g}")
-    if case.lse_loss:
+    if getattr(case, "lse_loss", False):
         parts.append("lse in loss")
     return parts
 
@@ -211,6 +218,82 @@ class VarlenCase:
 
 
 @dataclass(frozen=True)
+class KVCacheCase:
+    """One problem for ``flash_attention_with_kvcache``: sequence ``b`` has ``cache_seqlens[b]`` tokens in its cache
+    before the call and appends ``seqlen_new`` new ones (``Sn``), then its ``seqlen_q`` queries (the last ``Sq``
+    positions) attend its ``L_b = cache_seqlens[b] + Sn`` keys.
+
+    The caches hold ``capacity`` tokens per sequence: ``(B, Hkv, capacity, D)``, or with ``page_size`` a pool of
+    ``(num_pages, Hkv, page_size, D)`` pages, ``capacity / page_size`` of them per sequence in a shuffled order
+    (``block_table (B, capacity / page_size)``) and a few owned by none. Optional fields left at their defaults are
+    not passed to the kernel; the others mean what they mean in :class:`AttentionCase` (per-sequence ALiBi slopes
+    are ``alibi="batch"``, ``(B, Hq)``). ``num_splits`` is the kernel's split-KV count: 0 lets it choose."""
+
+    cache_seqlens: tuple[int, ...]
+    seqlen_q: int
+    seqlen_new: int
+    capacity: int
+    head_dim: int
+    causal: bool
+    dtype: str
+    heads: int = 2
+    heads_kv: int | None = None
+    page_size: int | None = None  # None: a contiguous cache
+    window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    sinks: bool = False
+    alibi: str | None = None  # ALiBi slopes: "heads" of shape (Hq,), "batch" of shape (B, Hq)
+    num_splits: int = 0
+
+    def __post_init__(self):
+        if not self.cache_seqlens:
+            raise ValueError("cache_seqlens: expected one length per sequence, got none")
+        if self.seqlen_q < 1 or self.seqlen_new < 0:
+            raise ValueError(f"seqlen_q, seqlen_new: expected >= 1 and >= 0, got {self.seqlen_q} and "
+                             f"{self.seqlen_new}")
+        if any(not 0 <= length <= self.capacity - self.seqlen_new for length in self.cache_seqlens):
+            raise ValueError(f"cache_seqlens: expected lengths in [0, capacity - seqlen_new] = [0, "
+                             f"{self.capacity - self.seqlen_new}], got {self.cache_seqlens}")
+        if self.page_size is not None and (self.page_size < 1 or self.capacity % self.page_size):
+            raise ValueError(f"page_size: expected a divisor of the capacity {self.capacity}, got {self.page_size}")
+        if self.alibi not in (None, "heads", "batch"):
+            raise ValueError(f"alibi: expected None, 'heads' or 'batch', got {self.alibi!r}")
+        if self.num_splits < 0:
+            raise ValueError(f"num_splits: expected an integer >= 0, got {self.num_splits}")
+
+    @property
+    def batch(self) -> int:
+        return len(self.cache_seqlens)
+
+    def requires(self) -> set[str]:
+        """``"kvcache"`` (the package has ``flash_attention_with_kvcache``) and ``"kvcache <keyword>"`` for each
+        keyword option the case passes (grouped heads and paged caches are part of the function's contract)."""
+        needed = {"kvcache"}
+        if self.window_size != (-1, -1):
+            needed.add("kvcache window_size")
+        if self.softcap > 0:
+            needed.add("kvcache softcap")
+        if self.sinks:
+            needed.add("kvcache sinks")
+        if self.alibi is not None:
+            needed.add("kvcache alibi_slopes")
+        if self.num_splits:
+            needed.add("kvcache num_splits")
+        return needed
+
+    @property
+    def label(self) -> str:
+        heads_kv = self.heads_kv or self.heads
+        heads = f"H{self.heads}" + (f"/{heads_kv}" if heads_kv != self.heads else "")
+        # A contiguous cache has no word of its own: it keeps the quick cases' labels to one line of the report.
+        layout = [] if self.page_size is None else [f"pages={self.page_size}"]
+        parts = [f"attention_kvcache {self.dtype}", f"B{self.batch} {heads} Sq{self.seqlen_q} Sn{self.seqlen_new} "
+                 f"D{self.head_dim}", f"cached=({','.join(map(str, self.cache_seqlens))})/{self.capacity}", *layout]
+        splits = f"splits={self.num_splits or 'auto'}"
+        return " ".join(parts + _option_labels(self, None, "B") + [splits])
+
+
+@dataclass(frozen=True)
 class SoftmaxCase:
     """One softmax or log_softmax problem; ``masked`` sets about a tenth of the inputs to -inf."""
 
@@ -332,6 +415,56 @@ def full_varlen_grid() -> list[VarlenCase]:
     return cases
 
 
+#: Cache cases for the interpreter (caches of about a hundred tokens): sequences of different lengths, one with
+#: nothing cached before its new key; a contiguous cache and paged ones (pages of 16, shuffled); grouped and
+#: multi-query heads; one new token, several (Sq = Sn > 1, causal) and none (the cache alone, a sequence with no key
+#: at all: out 0, lse -inf); no split, forced splits and the kernel's choice; window with sinks, ALiBi with softcap.
+QUICK_KVCACHE = [
+    KVCacheCase((0, 37, 90), 1, 1, 96, 64, False, "float16", heads=4, heads_kv=2, num_splits=1),
+    KVCacheCase((5, 33, 70), 3, 3, 80, 64, True, "bfloat16", heads=4, heads_kv=1, page_size=16, num_splits=3),
+    KVCacheCase((20, 61), 2, 2, 96, 40, False, "float32", page_size=16, window_size=(24, 0), sinks=True),
+    KVCacheCase((0, 50, 100), 4, 0, 112, 64, False, "bfloat16", heads=4, heads_kv=2, softcap=2.0, alibi="batch",
+                num_splits=2),
+]
+
+#: The GPU grid's cache batches, ``(cache_seqlens, capacity)``: one long sequence, and eight of lengths 0 to 4000
+#: (across page and key-block boundaries) in caches of 4096 tokens.
+FULL_KVCACHE_BATCHES = [((3000,), 4096), ((0, 1, 17, 255, 256, 1000, 2047, 4000), 4096)]
+FULL_KVCACHE_PAGE_SIZES = [None, 16, 256]  # None: contiguous
+FULL_KVCACHE_SPLITS = [0, 1, 64]  # the kernel's choice, none, and many (clamped to the key blocks there are)
+FULL_KVCACHE_HEADS = [(32, 8), (16, 1)]  # grouped-query and multi-query
+FULL_KVCACHE_HEAD_DIMS = [64, 128]
+FULL_KVCACHE_DTYPES = ["bfloat16", "float16"]
+#: Beyond a decode step (Sq = Sn = 1), as ``KVCacheCase`` fields, each on the batch of eight at head dim 128:
+#: speculative decoding, chunked prefill, the cache alone, a window with sinks, ALiBi per sequence with softcap.
+FULL_KVCACHE_VARIANTS = [dict(seqlen_q=4, seqlen_new=4, causal=True), dict(seqlen_q=64, seqlen_new=64, causal=True),
+                         dict(seqlen_new=0), dict(seqlen_q=4, seqlen_new=4, causal=True, window_size=(256, 0),
+                                                  sinks=True),
+                         dict(alibi="batch", softcap=20.0)]
+
+
+def full_kvcache_grid() -> list[KVCacheCase]:
+    """The cache cases of the GPU grid: decode steps for each batch x layout x split count x heads x head dim x
+    dtype, then each variant for each layout x split count (the kernel's, many) x dtype."""
+    cases = [
+        KVCacheCase(lengths, 1, 1, capacity, head_dim, False, dtype, heads=heads, heads_kv=heads_kv,
+                    page_size=page_size, num_splits=splits)
+        for (lengths, capacity), page_size, splits, (heads, heads_kv), head_dim, dtype in itertools.product(
+            FULL_KVCACHE_BATCHES, FULL_KVCACHE_PAGE_SIZES, FULL_KVCACHE_SPLITS, FULL_KVCACHE_HEADS,
+            FULL_KVCACHE_HEAD_DIMS, FULL_KVCACHE_DTYPES)
+    ]
+    lengths, capacity = FULL_KVCACHE_BATCHES[1]
+    heads, heads_kv = FULL_KVCACHE_HEADS[0]
+    for variant, page_size, splits, dtype in itertools.product(
+            FULL_KVCACHE_VARIANTS, FULL_KVCACHE_PAGE_SIZES, (FULL_KVCACHE_SPLITS[0], FULL_KVCACHE_SPLITS[-1]),
+            FULL_KVCACHE_DTYPES):
+        fields = {"seqlen_q": 1, "seqlen_new": 1, "causal": False, **variant}
+        cases.append(KVCacheCase(lengths, fields.pop("seqlen_q"), fields.pop("seqlen_new"), capacity, 128,
+                                 fields.pop("causal"), dtype, heads=heads, heads_kv=heads_kv, page_size=page_size,
+                                 num_splits=splits, **fields))
+    return cases
+
+
 def _softmax_cases(op: str, specs: Iterable[tuple]) -> list[SoftmaxCase]:
     return [SoftmaxCase(op, *spec) for spec in specs]
 
@@ -442,6 +575,18 @@ def varlen_features() -> set[str]:
         return set()
     keywords = (name for name in _KEYWORD_FEATURES if name != "attn_bias" and _accepts_keyword(function, name))
     return {"varlen", *(f"varlen {name}" for name in keywords)}
+
+
+def kvcache_features() -> set[str]:
+    """What :class:`KVCacheCase` may require: ``"kvcache"`` where the package has ``flash_attention_with_kvcache``
+    (or a kernel is put in :data:`KERNELS`), and ``"kvcache <keyword>"`` for each keyword option its signature
+    takes."""
+    try:
+        function = kernel("attention_kvcache")
+    except AttributeError:
+        return set()
+    keywords = ("window_size", "softcap", "sinks", "alibi_slopes", "num_splits")
+    return {"kvcache", *(f"kvcache {name}" for name in keywords if _accepts_keyword(function, name))}
 
 
 # ------------------------------------------------------------------------------------------ checking
@@ -636,6 +781,90 @@ def check_varlen(case: VarlenCase, device: torch.device, seed: int) -> list[Comp
     return _judge(kernel_run, truth_run, lowp_run)
 
 
+#: Pages of a paged cache case's pool that no sequence owns: a kernel that reads a page the block table does not
+#: give it may land there.
+SPARE_PAGES = 3
+
+
+def _kvcache_inputs(case: KVCacheCase, generator: torch.Generator, device) -> dict[str, object]:
+    """The random inputs of a cache case: q ``(B, Hq, Sq, D)``; caches ``(B, Hkv, capacity, D)`` or a pool of
+    ``(B * capacity / page_size + SPARE_PAGES, Hkv, page_size, D)`` pages with ``block_table`` int32 (a random
+    permutation of the pool, cut to ``(B, capacity / page_size)``); k, v ``(B, Hkv, Sn, D)`` (absent when Sn = 0);
+    ``cache_seqlens`` int32 ``(B,)``; sinks and ALiBi slopes where the case has them. Every cache entry is random,
+    those past each sequence's length and those of the spare pages too: reading or writing there shows."""
+    dtype = getattr(torch, case.dtype)
+    heads_kv = case.heads_kv or case.heads
+    inputs: dict[str, object] = {"q": _randn((case.batch, case.heads, case.seqlen_q, case.head_dim), generator, dtype,
+                                             device)}
+    if case.page_size is None:
+        cache_shape = (case.batch, heads_kv, case.capacity, case.head_dim)
+    else:
+        pages_per_sequence = case.capacity // case.page_size
+        pool = case.batch * pages_per_sequence + SPARE_PAGES
+        order = torch.randperm(pool, generator=generator)[:case.batch * pages_per_sequence]
+        inputs["block_table"] = order.view(case.batch, pages_per_sequence).to(device=device, dtype=torch.int32)
+        cache_shape = (pool, heads_kv, case.page_size, case.head_dim)
+    inputs["k_cache"] = _randn(cache_shape, generator, dtype, device)
+    inputs["v_cache"] = _randn(cache_shape, generator, dtype, device)
+    if case.seqlen_new:
+        inputs["k"] = _randn((case.batch, heads_kv, case.seqlen_new, case.head_dim), generator, dtype, device)
+        inputs["v"] = _randn((case.batch, heads_kv, case.seqlen_new, case.head_dim), generator, dtype, device)
+    inputs["cache_seqlens"] = torch.tensor(case.cache_seqlens, dtype=torch.int32, device=device)
+    if case.sinks:
+        mean_keys = sum(case.cache_seqlens) / case.batch + case.seqlen_new
+        inputs["sinks"] = _sinks(case.heads, mean_keys, generator, dtype, device)
+    if case.alibi is not None:
+        shape = (case.heads,) if case.alibi == "heads" else (case.batch, case.heads)
+        inputs["alibi_slopes"] = _alibi_slopes(shape, generator, device)
+    return inputs
+
+
+def _kvcache_run(function: Callable, inputs: dict[str, object], options: dict, dtype: torch.dtype | None = None,
+                 **extra) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Out, lse and both caches after ``function(q, k_cache, v_cache, k, v, ...)`` on fresh copies of ``inputs``
+    (the floating ones converted to ``dtype`` where given; ALiBi slopes stay float32, the integer tensors as
+    they are): the function writes the new keys into its own caches."""
+    fresh = {}
+    for name, tensor in inputs.items():
+        convert = dtype is not None and tensor.is_floating_point() and name != "alibi_slopes"
+        fresh[name] = (tensor.to(dtype) if convert else tensor).clone()
+    caches = [fresh.pop("k_cache"), fresh.pop("v_cache")]
+    q, k, v = fresh.pop("q"), fresh.pop("k", None), fresh.pop("v", None)
+    out, lse = function(q, *caches, k, v, return_lse=True, **options, **fresh, **extra)
+    return out, lse, caches
+
+
+def check_kvcache(case: KVCacheCase, device: torch.device, seed: int) -> list[Comparison]:
+    """Run one cache case through ``flash_attention_with_kvcache`` and compare out and lse with the float64
+    ``reference.attention_kvcache``, and each cache after the call with the reference's (``k_cache``,
+    ``v_cache``): the new keys at positions ``cache_seqlens[b] ...`` and every other entry as it was."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    inputs = _kvcache_inputs(case, generator, device)
+    options: dict[str, object] = {"causal": case.causal}
+    if case.window_size != (-1, -1):
+        options["window_size"] = case.window_size
+    if case.softcap > 0:
+        options["softcap"] = case.softcap
+    splits = {"num_splits": case.num_splits} if case.num_splits else {}
+
+    out, lse, caches = _kvcache_run(kernel("attention_kvcache"), inputs, options, **splits)
+    truth_out, truth_lse, truth_caches = _kvcache_run(reference.attention_kvcache, inputs, options, torch.float64)
+    if dtype == torch.float32:
+        lowp_out, lowp_lse, lowp_caches = None, None, [None, None]
+    else:
+        lowp_out, lowp_lse, lowp_caches = _kvcache_run(reference.attention_kvcache, inputs, options, upcast=False)
+    comparisons = [
+        compare("out", out, truth_out, lowp_out, factor=OUTPUT_FACTOR),
+        compare("lse", lse, truth_lse, lowp_lse, factor=OUTPUT_FACTOR),
+    ]
+    # Appending copies values, so both references' caches agree exactly: the bound is the rounding floor (float32:
+    # 1e-5 relative), far below the error of a value written in the wrong place or overwritten.
+    for name, cache, truth_cache, lowp_cache in zip(("k_cache", "v_cache"), caches, truth_caches, lowp_caches):
+        comparisons.append(compare(name, cache, truth_cache, lowp_cache, factor=OUTPUT_FACTOR))
+    return comparisons
+
+
 def check_softmax(case: SoftmaxCase, device: torch.device, seed: int) -> list[Comparison]:
     """Run one softmax / log_softmax case and compare y and dx with the float64 truth."""
     generator = torch.Generator().manual_seed(seed)
@@ -671,7 +900,8 @@ def _short_error(error: BaseException) -> str:
 
 def run_case(case, device: torch.device, seed: int) -> CaseResult:
     """Check one case; an exception anywhere (kernel, shapes, comparison) makes the case fail, not the run."""
-    check = {AttentionCase: check_attention, VarlenCase: check_varlen}.get(type(case), check_softmax)
+    check = {AttentionCase: check_attention, VarlenCase: check_varlen, KVCacheCase: check_kvcache}.get(
+        type(case), check_softmax)
     started = time.perf_counter()
     result = CaseResult(case.label)
     try:
@@ -692,7 +922,7 @@ def select_cases(args: argparse.Namespace, on_gpu: bool) -> tuple[list, str]:
             args.seqlens, args.head_dims or [64, 128], args.causal or [False, True],
             args.dtypes or ["bfloat16", "float16"], args.batch or 1, args.heads or 2, args.modifiers or (),
         )
-        varlen = []  # the sweep's shapes are square batches: nothing packed
+        varlen, kvcache = [], []  # the sweep's shapes are square batches: nothing packed, no cache
         description = "the benchmark's sweep shapes"
     else:
         for flag, value in (("--batch", args.batch), ("--heads", args.heads), ("--modifiers", args.modifiers)):
@@ -702,20 +932,22 @@ def select_cases(args: argparse.Namespace, on_gpu: bool) -> tuple[list, str]:
         if grid == "full":
             attention, softmax = full_grids()
             varlen = full_varlen_grid()
+            kvcache = full_kvcache_grid()
         else:
             attention = QUICK_ATTENTION + OPTION_ATTENTION + MODIFIER_ATTENTION
             softmax = QUICK_SOFTMAX
             varlen = QUICK_VARLEN
-        attention, varlen = ([
+            kvcache = QUICK_KVCACHE
+        attention, varlen, kvcache = ([
             case for case in cases
             if (args.dtypes is None or case.dtype in args.dtypes)
             and (args.head_dims is None or case.head_dim in args.head_dims)
             and (args.causal is None or case.causal in args.causal)
-        ] for cases in (attention, varlen))
+        ] for cases in (attention, varlen, kvcache))
         softmax = [case for case in softmax if args.dtypes is None or case.dtype in args.dtypes]
         description = f"the {grid} grid"
     cases = ((attention if "attention" in args.ops else []) + (varlen if "varlen" in args.ops else [])
-             + (softmax if "softmax" in args.ops else []))
+             + (kvcache if "kvcache" in args.ops else []) + (softmax if "softmax" in args.ops else []))
     if not cases:
         raise ValueError("the filters (--ops, --dtypes, --head-dims, --causal) leave no case to run")
     return cases, description
@@ -753,6 +985,8 @@ def run(args: argparse.Namespace, *, on_gpu: bool) -> int:
         features = attention_features(kernel("attention"), device) if "attention" in args.ops else set()
     if "varlen" in args.ops:
         features |= varlen_features()
+    if "kvcache" in args.ops:
+        features |= kvcache_features()
     runnable = [case for case in cases if case.requires() <= features]
     missing = sorted(set().union(*(case.requires() - features for case in cases)))
     console.print(f"verify: {len(runnable)} cases from {description} on {device} ({backend_for(device)})",

@@ -2,7 +2,8 @@
 # Everything one GPU session should produce, written under $OUT (default out/), in about 9 minutes on one
 # H100/H200: nvidia-smi, `flash-softmax info`, the test suite compiled on the GPU (junit XML), a tuned
 # configuration table (`flash-softmax tune`), `info` again with that table, and the benchmark sweeps
-# (attention against every provider, softmax and log_softmax, a packed batch of mixed lengths). It runs in the repo root wherever it is
+# (attention against every provider, softmax and log_softmax, a packed batch of mixed lengths, a decoding step over
+# a key/value cache). It runs in the repo root wherever it is
 # started from (a relative OUT is under the repo root).
 #
 #   scripts/gpu_check.sh             # on the GPU machine (make gpu)
@@ -115,6 +116,8 @@ if (( DRY_RUN )); then
     MODIFIER_SIZES=(--dtypes float16 --seqlens 64 --batch 1 --heads 2)
     VARLEN_SIZES=(--dtypes float16 --varlen-sequences 2 --varlen-lengths 8 24 --heads 2)
     VARLEN_PROVIDERS=(flash_softmax flash_softmax_padded)
+    DECODE_SIZES=(--dtypes float16 --decode-batches 1 2 --decode-lengths 32 --heads 4 --gqa 2 --head-dims 16)
+    DECODE_PROVIDERS=(flash_softmax flash_softmax_paged sdpa_math)
     HEAD_DIMS_A=32 HEAD_DIMS_B=16
     SOFTMAX_SIZES=(--dtypes float16 --cols 256 4096 --rows 4)
     SOFTMAX_PROVIDERS=(flash_softmax torch)   # torch.compile for the CPU needs seconds per shape
@@ -130,6 +133,11 @@ else
     VARLEN_SIZES=(--dtypes bfloat16 --varlen-tokens 32768 --varlen-lengths 128 8192)
     # FlexAttention compiles each mode for tens of seconds: `bench --varlen --providers flex` outside the session.
     VARLEN_PROVIDERS=(flash_softmax flash_softmax_padded sdpa_efficient sdpa_cudnn)
+    # Four shapes of the default sweep (32 query heads on 8 K/V heads, head dim 128): one sequence, where split-KV
+    # matters, and 64. `make gpu-bench` runs the whole sweep, SDPA's math backend (eager matmuls over repeated K/V
+    # heads) and FlexAttention (compiled per shape) included.
+    DECODE_SIZES=(--dtypes bfloat16 --decode-batches 1 64 --decode-lengths 4096 32768)
+    DECODE_PROVIDERS=(flash_softmax flash_softmax_paged sdpa_flash sdpa_efficient sdpa_cudnn)
     HEAD_DIMS_A=128 HEAD_DIMS_B=64
     SOFTMAX_SIZES=(--dtypes bfloat16 --cols 1024 4096 16384 65536 262144)
     SOFTMAX_PROVIDERS=(flash_softmax torch torch_compile)
@@ -225,6 +233,8 @@ bench log_softmax 45 --op log_softmax "${SOFTMAX_SIZES[@]}" --modes fwd bwd fwd_
 # One packed batch of mixed lengths (seed 0): flash_attention_varlen against the padded batch.
 bench attention-varlen 45 --op attention --varlen "${VARLEN_SIZES[@]}" --head-dims $HEAD_DIMS_A \
     --causal "${CAUSAL[@]}" --modes fwd fwd_bwd --providers "${VARLEN_PROVIDERS[@]}"
+# One decoding step (a query per sequence over its cache; the copy bandwidth is always measured beside it).
+bench attention-decode 45 --op attention --decode "${DECODE_SIZES[@]}" --providers "${DECODE_PROVIDERS[@]}"
 # FlexAttention compiles every shape and mode (tens of seconds each): one length, last.
 bench attention-flex 70 --op attention "${FLEX_SIZES[@]}" --head-dims $HEAD_DIMS_A --causal "${CAUSAL[@]}" \
     --modes fwd bwd fwd_bwd --providers "${FLEX_PROVIDERS[@]}"

@@ -19,7 +19,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "gpu_check.sh"
 PHASES = ["nvidia-smi", "info", "pytest", "tune", "info-tuned", "attention-d32", "attention-d16", "softmax",
-          "log_softmax", "attention-varlen", "attention-flex", "attention-modifiers"]
+          "log_softmax", "attention-varlen", "attention-decode", "attention-flex", "attention-modifiers"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
@@ -76,6 +76,7 @@ def test_the_dry_run_goes_through_every_phase(tmp_path):
     assert "candidates" in (tmp_path / "tune.txt").read_text()
     for bench, csv in (("attention-d32", "attention.csv"), ("softmax", "softmax.csv"),
                        ("log_softmax", "log_softmax.csv"), ("attention-varlen", "attention_varlen.csv"),
-                       ("attention-flex", "attention.csv"), ("attention-modifiers", "attention.csv")):
+                       ("attention-decode", "attention_decode.csv"), ("attention-flex", "attention.csv"),
+                       ("attention-modifiers", "attention.csv")):
         rows = (tmp_path / "bench" / bench / csv).read_text().splitlines()
         assert len(rows) > 1 and all(row.endswith(",ok") for row in rows[1:]), (bench, rows)

@@ -1,8 +1,9 @@
 """``flash-softmax bench``: time flash_softmax against other providers and record everything.
 
 The sweep itself lives in :mod:`~flash_softmax.bench.attention`, :mod:`~flash_softmax.bench.varlen`
-(``--varlen``: one packed batch of mixed lengths) and :mod:`~flash_softmax.bench.softmax` (configurations and
-what is timed), :mod:`~flash_softmax.bench.providers` (the implementations),
+(``--varlen``: one packed batch of mixed lengths), :mod:`~flash_softmax.bench.decode` (``--decode``: one decoding
+step over a key/value cache) and :mod:`~flash_softmax.bench.softmax` (configurations and what is timed),
+:mod:`~flash_softmax.bench.providers` (the implementations),
 :mod:`~flash_softmax.bench.sweep` and :mod:`~flash_softmax.bench.timing` (measuring without stopping on
 failures), and :mod:`~flash_softmax.bench.output` (table, CSV, ``env.json``, plots).
 :mod:`~flash_softmax.bench.host_overhead` (``--host-overhead``) times the Python work of one attention call
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from flash_softmax.bench import attention, host_overhead, output, providers, softmax, varlen
+from flash_softmax.bench import attention, decode, host_overhead, output, providers, softmax, varlen
 from flash_softmax.bench.sweep import Result, run_sweep, speedups
 from flash_softmax.info import device_name, device_slug, environment
 
@@ -34,6 +35,11 @@ _VARLEN_ONLY_FLAGS = {"varlen_tokens": "--varlen-tokens", "varlen_sequences": "-
                       "varlen_lengths": "--varlen-lengths", "varlen_seed": "--varlen-seed"}
 _NOT_VARLEN_FLAGS = {"seqlens": "--seqlens", "batch": "--batch", "window": "--window", "modifiers": "--modifiers",
                      **_SOFTMAX_ONLY_FLAGS}
+#: Flags of ``--decode`` only, and those it has no use for (one query per sequence, one mode, lengths of its own).
+_DECODE_ONLY_FLAGS = {"decode_batches": "--decode-batches", "decode_lengths": "--decode-lengths",
+                      "decode_page_size": "--decode-page-size"}
+_NOT_DECODE_FLAGS = {"seqlens": "--seqlens", "batch": "--batch", "causal": "--causal", "modes": "--modes",
+                     "window": "--window", "modifiers": "--modifiers", **_SOFTMAX_ONLY_FLAGS, **_VARLEN_ONLY_FLAGS}
 
 #: The column of the printed table (and, on a GPU, of the CSV) that compares each provider with ours.
 SPEEDUP_COLUMN = "fs speed-up"
@@ -41,6 +47,9 @@ SPEEDUP_CAPTION = "fs speed-up: this provider's time over flash_softmax's (>1: f
 #: The columns of the printed attention table for a run with ``--modifiers``, and what the second means.
 MODIFIER_COLUMNS = ["modifier", "overhead"]
 OVERHEAD_CAPTION = "overhead: this row's time over the same provider's plain time (same shape, mode and dtype)"
+#: What the bandwidth columns of a ``--decode`` table mean.
+DECODE_CAPTION = ("K/V GB/s: cache bytes read per second, sum_b L_b*Hkv*(D+Dv)*element size / time; copy GB/s: a "
+                  "device-to-device copy of those bytes, (read + written) / time; of copy: the first over the second")
 
 
 def default_output_dir() -> Path:
@@ -66,6 +75,20 @@ def cpu_banner() -> str:
 
 
 def _reject_flags_of_other_op(args: argparse.Namespace) -> None:
+    if args.decode:
+        if args.varlen:
+            raise ValueError("--decode and --varlen: give one of them")
+        if args.op != "attention":
+            raise ValueError(f"--decode times attention; it was given --op {args.op}")
+        for attribute, flag in _NOT_DECODE_FLAGS.items():
+            if getattr(args, attribute) is not None:
+                raise ValueError(f"{flag} does not apply to --decode (one query per sequence over its cache: "
+                                 f"--decode-batches, --decode-lengths, --decode-page-size); it was given "
+                                 f"{getattr(args, attribute)}")
+        return
+    for attribute, flag in _DECODE_ONLY_FLAGS.items():
+        if getattr(args, attribute) is not None:
+            raise ValueError(f"{flag} applies to --decode only; it was given {getattr(args, attribute)}")
     if args.varlen:
         if args.op != "attention":
             raise ValueError(f"--varlen times attention; it was given --op {args.op}")
@@ -109,6 +132,16 @@ def _varlen_cells(record: dict[str, object]) -> list[str]:
     ]
 
 
+def _decode_cells(record: dict[str, object]) -> list[str]:
+    ratio, page_size = record["kv_vs_copy"], record["page_size"]
+    return [
+        record["provider"], record["dtype"], str(record["batch"]), str(record["heads"]), str(record["heads_kv"]),
+        str(record["head_dim"]), str(record["cache_len"]), "-" if page_size is None else str(page_size),
+        _time_cell(record), output.format_number(record["kv_gbps"]), output.format_number(record["copy_gbps"]),
+        output.format_number(ratio), output.format_number(record["peak_mem_mib"], 4),
+    ]
+
+
 def _softmax_cells(record: dict[str, object]) -> list[str]:
     return [record["provider"], record["mode"], record["dtype"], str(record["rows"]), str(record["cols"]),
             _time_cell(record), output.format_number(record["gbps"])]
@@ -131,6 +164,14 @@ _OPS = {
         "columns": ["provider", "mode", "causal", "dtype", "N", "tokens", "max S", "H", "D", "ms (p20-p80)",
                     "tokens/s", "TFLOP/s", "peak MiB"],
         "cells": _varlen_cells,
+    },
+    # --decode: one decoding step over a key/value cache (written to attention_decode.csv).
+    "attention_decode": {
+        "module": decode,
+        "registry": lambda: providers.DECODE_PROVIDERS,
+        "columns": ["provider", "dtype", "B", "H", "Hkv", "D", "L", "page", "ms (p20-p80)", "K/V GB/s", "copy GB/s",
+                    "of copy", "peak MiB"],
+        "cells": _decode_cells,
     },
     "softmax": {
         "module": softmax,
@@ -184,7 +225,9 @@ def table_rows(op: str, records: list[dict[str, object]], details: list[str], on
 
 def table_caption(records: list[dict[str, object]], on_gpu: bool) -> str | None:
     """What the table's ratio columns mean, for those it has."""
-    lines = [*([OVERHEAD_CAPTION] if has_modifiers(records) else []), *([SPEEDUP_CAPTION] if on_gpu else [])]
+    lines = [*([OVERHEAD_CAPTION] if has_modifiers(records) else []),
+             *([DECODE_CAPTION] if any("kv_vs_copy" in record for record in records) else []),
+             *([SPEEDUP_CAPTION] if on_gpu else [])]
     return "\n".join(lines) or None
 
 
@@ -203,7 +246,18 @@ def _write_plots(op: str, records: list[dict[str, object]], out_dir: Path, banne
     written, left_out = [], []
     for dtype in dict.fromkeys(record["dtype"] for record in records):
         subset = [record for record in records if record["dtype"] == dtype]
-        if op == "attention":
+        if op == "attention_decode":
+            common = dict(x="cache_len", x_label="cache length (tokens)", panel_rows=("head_dim",),
+                          panel_column="batch", banner=banner)
+            # The copy is drawn beside the attention times; its GB/s counts other bytes (read and written).
+            attended = [record for record in subset if record["provider"] != decode.COPY_PROVIDER]
+            figures = [
+                ("time", dict(metric="ms_median", metric_label="ms per decode step",
+                              title=f"decode step time {dtype}, {device}")),
+                ("kv_gbps", dict(metric="kv_gbps", metric_label="K/V GB/s read",
+                                 title=f"decode K/V bandwidth {dtype}, {device}"), attended),
+            ]
+        elif op == "attention":
             common = dict(x="seqlen_q", x_label="sequence length", panel_rows=("head_dim", "causal"),
                           panel_column="mode", banner=banner)
             figures = [
@@ -218,8 +272,9 @@ def _write_plots(op: str, records: list[dict[str, object]], out_dir: Path, banne
                 ("time", dict(metric="ms_median", metric_label="ms per call", title=f"{op} time {dtype}, {device}")),
                 ("gbps", dict(metric="gbps", metric_label="GB/s", title=f"{op} {dtype}, {device}")),
             ]
-        for name, options in figures:
-            path = output.plot_metric(subset, out_dir / f"{op}_{name}_{dtype}.png", **common, **options)
+        for name, options, *rows in figures:
+            path = output.plot_metric(rows[0] if rows else subset, out_dir / f"{op}_{name}_{dtype}.png", **common,
+                                      **options)
             if path is not None:
                 written.append(path)
             elif name == "memory":
@@ -231,14 +286,16 @@ def _write_plots(op: str, records: list[dict[str, object]], out_dir: Path, banne
 
 #: Sweep flags that mean nothing to ``--host-overhead`` (which times one fixed attention call per case).
 _NOT_HOST_OVERHEAD_FLAGS = {"providers": "--providers", "gqa": "--gqa", "window": "--window", "cols": "--cols",
-                            "rows": "--rows", "modifiers": "--modifiers", **_VARLEN_ONLY_FLAGS}
+                            "rows": "--rows", "modifiers": "--modifiers", **_VARLEN_ONLY_FLAGS,
+                            **_DECODE_ONLY_FLAGS}
 
 
 def _run_host_overhead(args: argparse.Namespace, on_gpu: bool, threads: int) -> int:
     if args.op != "attention":
         raise ValueError(f"--host-overhead times attention calls only; it was given --op {args.op}")
-    if args.varlen:
-        raise ValueError("--varlen does not apply to --host-overhead; give one of them")
+    for flag, given in (("--varlen", args.varlen), ("--decode", args.decode)):
+        if given:
+            raise ValueError(f"{flag} does not apply to --host-overhead; give one of them")
     for attribute, flag in _NOT_HOST_OVERHEAD_FLAGS.items():
         if getattr(args, attribute) is not None:
             raise ValueError(f"{flag} does not apply to --host-overhead; it was given {getattr(args, attribute)}")
@@ -276,15 +333,21 @@ def run(args: argparse.Namespace, *, on_gpu: bool, command_line: str) -> int:
 
 def _run_sweep(args: argparse.Namespace, on_gpu: bool, command_line: str, threads: int) -> int:
     _reject_flags_of_other_op(args)
-    op = "attention_varlen" if args.varlen else args.op
+    op = "attention_varlen" if args.varlen else "attention_decode" if args.decode else args.op
     spec = _OPS[op]
     module = spec["module"]
     selected = providers.select(spec["registry"](), args.providers, on_gpu)
+    if args.decode:
+        selected = decode.with_copy(selected)
     if args.modifiers and not any(provider.takes_modifiers for provider in selected):
         takers = [provider.name for provider in spec["registry"]().values() if provider.takes_modifiers]
         raise ValueError(f"--modifiers {' '.join(args.modifiers)}: modifiers are timed on {', '.join(takers)} only, "
                          f"which --providers leaves out (given: {', '.join(provider.name for provider in selected)})")
-    configs = module.configurations(module.resolve_sweep(args, on_gpu))
+    sweep = module.resolve_sweep(args, on_gpu)
+    configs = module.configurations(sweep)
+    too_large = decode.left_out(sweep) if args.decode else []
+    if too_large and not configs:
+        raise ValueError(f"--decode: no configuration's caches fit in the device's {sweep['memory'] / 2**30:.0f} GiB")
     measured = sum(module.runs(config, provider) for config in configs for provider in selected)
     device = torch.device("cuda" if on_gpu else "cpu")
     out_dir = Path(args.out) if args.out else default_output_dir()
@@ -294,6 +357,9 @@ def _run_sweep(args: argparse.Namespace, on_gpu: bool, command_line: str, thread
     console = output.make_console()
     console.print(f"bench {op}: {len(configs)} configurations x {len(selected)} providers "
                   f"({measured} measurements) on {device_name()}, {threads} torch threads", markup=False)
+    if too_large:
+        console.print(f"left out, their caches would not fit in {sweep['memory'] / 2**30:.0f} GiB: "
+                      f"{', '.join(config.label for config in too_large)}", markup=False)
     if args.varlen:
         lengths = configs[0].lengths
         console.print(f"packed batch: {len(lengths)} sequences, {sum(lengths)} tokens, lengths (seed "
@@ -308,10 +374,13 @@ def _run_sweep(args: argparse.Namespace, on_gpu: bool, command_line: str, thread
     if op == "attention":
         for index, overhead in attention.overheads(results).items():
             records[index]["overhead_vs_plain"] = overhead
+    if op == "attention_decode":
+        decode.add_copy_bandwidth(results, records)
     if on_gpu:
         ratio = speedups(results)
         for index, record in enumerate(records):
-            record["fs_speedup"] = ratio.get(index)
+            # The copy is no attention: how much faster than it flash_softmax is would mean nothing.
+            record["fs_speedup"] = None if record["provider"] == decode.COPY_PROVIDER else ratio.get(index)
     columns, rows = table_rows(op, records, [result.measurement.detail for result in results], on_gpu)
     if banner is not None:
         console.print(banner, style="bold red", markup=False)  # right above the table it is about
@@ -333,5 +402,6 @@ def _run_sweep(args: argparse.Namespace, on_gpu: bool, command_line: str, thread
             console.print(line, markup=False)
     for path in written:
         console.print(f"wrote {path}", markup=False)
-    flash_errors = [r for r in records if r["provider"] == "flash_softmax" and r["status"].startswith("error")]
+    ours = {"flash_softmax", *(["flash_softmax_paged"] if op == "attention_decode" else [])}
+    flash_errors = [r for r in records if r["provider"] in ours and r["status"].startswith("error")]
     return 1 if flash_errors else 0

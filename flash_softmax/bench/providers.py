@@ -5,8 +5,9 @@ provider on the very same tensors, in one process. A provider that cannot run a 
 :class:`Unsupported` (from ``build`` or from the first call), which becomes a row with status
 ``unsupported`` instead of an error.
 
-The registries :data:`ATTENTION_PROVIDERS`, :data:`VARLEN_PROVIDERS` (``--varlen``) and
-:data:`SOFTMAX_PROVIDERS` are looked up at run time, so a provider added to them is benchmarked like the others.
+The registries :data:`ATTENTION_PROVIDERS`, :data:`VARLEN_PROVIDERS` (``--varlen``), :data:`DECODE_PROVIDERS`
+(``--decode``) and :data:`SOFTMAX_PROVIDERS` are looked up at run time, so a provider added to them is benchmarked
+like the others.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Provider:
             benchmark's configuration (``causal``, ``seqlen_q``, ... for attention). Packed attention
             (``--varlen``) gets ``(q, k, v, packing)``: the packed ``(T, H, D)`` tensors, or the padded ``(N, H,
             S, D)`` ones where ``padded``, and the :class:`~flash_softmax.bench.varlen.Packing`; its
-            ``forward()`` returns the output in the layout of its q.
+            ``forward()`` returns the output in the layout of its q. A decoding step (``--decode``) gets
+            ``(inputs,)``, a :class:`~flash_softmax.bench.decode.DecodeInputs` (q, the caches and their lengths).
         context: a context manager factory entered around the warm-up and all timed calls, e.g. to force
             an SDPA backend, so that entering it is not timed.
         on_cpu: whether the provider is part of the default set on a CPU-only machine.
@@ -44,6 +46,7 @@ class Provider:
             only such providers are timed with ``--modifiers``.
         padded: for ``--varlen``, whether ``build`` takes the sequences padded to the longest, one per batch
             row, instead of packed along dim 0.
+        paged: for ``--decode``, whether ``build`` reads the paged cache (its rows record the page size).
     """
 
     name: str
@@ -52,6 +55,7 @@ class Provider:
     on_cpu: bool = True
     takes_modifiers: bool = False
     padded: bool = False
+    paged: bool = False
 
 
 def _flash_softmax_attention(config, q, k, v, **modifiers):
@@ -265,6 +269,99 @@ VARLEN_PROVIDERS: dict[str, Provider] = {
         Provider("sdpa_math", _sdpa_padded_builder("MATH"), _sdpa_context("MATH"), padded=True),
         # Compiling FlexAttention for the CPU takes tens of seconds per shape: asked for, not default.
         Provider("flex", _flex_attention_documents, on_cpu=False),
+    )
+}
+
+
+# ------------------------------------------------------------------------------- decoding (--decode)
+
+
+def _flash_softmax_decode(config, inputs):
+    import flash_softmax as fs
+
+    return lambda: fs.flash_attention_with_kvcache(inputs.q, inputs.k_cache, inputs.v_cache,
+                                                   cache_seqlens=inputs.cache_seqlens)
+
+
+def _flash_softmax_decode_paged(config, inputs):
+    import flash_softmax as fs
+
+    return lambda: fs.flash_attention_with_kvcache(inputs.q, inputs.k_pages, inputs.v_pages,
+                                                   cache_seqlens=inputs.cache_seqlens, block_table=inputs.block_table)
+
+
+def sdpa_takes_enable_gqa() -> bool:
+    """Whether this torch's SDPA has ``enable_gqa`` (torch 2.5 and later)."""
+    return torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
+
+
+def _sdpa_decode_builder(backend_name: str):
+    def build(config, inputs):
+        # SDPA takes no per-sequence lengths: the cache sliced to the one length every sequence of the sweep has
+        # (a view, no copy). Sq = 1 sees every key, so no mask and no is_causal.
+        length = config.cache_len
+        k, v = inputs.k_cache[:, :, :length], inputs.v_cache[:, :, :length]
+        if config.group_size == 1 or sdpa_takes_enable_gqa():
+            # Grouped heads through enable_gqa: each K/V head is read in place for its group of query heads.
+            options = {"enable_gqa": config.group_size > 1}
+        else:
+            # A torch without enable_gqa: the K/V heads repeated once per query head, here (untimed); the timed
+            # call then reads group_size times the bytes kv_gbps counts.
+            k, v = (tensor.repeat_interleave(config.group_size, dim=1) for tensor in (k, v))
+            options = {}
+        return lambda: _sdpa(backend_name, inputs.q, k, v, **options)
+
+    return build
+
+
+def _flex_attention_decode(config, inputs):
+    """FlexAttention on the whole cache with a ``BlockMask`` of each sequence's length, built once (untimed): key
+    blocks past a sequence's length are skipped, as ``cache_seqlens`` makes flash_softmax skip them."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+    except ImportError:
+        raise Unsupported(f"torch {torch.__version__} has no FlexAttention") from None
+    flex_attention = _flex_attention_compiled()
+    lengths = inputs.cache_seqlens
+
+    def within_length(batch, head, q_index, kv_index):
+        return kv_index < lengths[batch]
+
+    block_mask = create_block_mask(within_length, config.batch, None, 1, inputs.k_cache.shape[2],
+                                   device=inputs.q.device)
+    enable_gqa = config.group_size > 1
+
+    def forward():
+        try:
+            return flex_attention(inputs.q, inputs.k_cache, inputs.v_cache, block_mask=block_mask,
+                                  enable_gqa=enable_gqa)
+        except NotImplementedError as error:
+            raise Unsupported(f"FlexAttention: {error}") from None
+
+    return forward
+
+
+def _device_copy(config, inputs):
+    """Every K/V byte a step reads, copied once to another buffer on the same device."""
+    return lambda: inputs.copy_destination.copy_(inputs.copy_source)
+
+
+#: Providers of ``--decode`` by name: flash_softmax is ``flash_attention_with_kvcache`` on the contiguous cache.
+#: ``copy`` is not attention: the sweep always measures it, for the bandwidth every row is compared with.
+DECODE_PROVIDERS: dict[str, Provider] = {
+    provider.name: provider
+    for provider in (
+        Provider("flash_softmax", _flash_softmax_decode),
+        Provider("flash_softmax_paged", _flash_softmax_decode_paged, paged=True),
+        Provider("sdpa_flash", _sdpa_decode_builder("FLASH_ATTENTION"), _sdpa_context("FLASH_ATTENTION")),
+        Provider("sdpa_cudnn", _sdpa_decode_builder("CUDNN_ATTENTION"), _sdpa_context("CUDNN_ATTENTION"),
+                 on_cpu=False),
+        Provider("sdpa_efficient", _sdpa_decode_builder("EFFICIENT_ATTENTION"), _sdpa_context("EFFICIENT_ATTENTION"),
+                 on_cpu=False),
+        Provider("sdpa_math", _sdpa_decode_builder("MATH"), _sdpa_context("MATH")),
+        # Compiling FlexAttention takes tens of seconds per shape (half a minute for the CPU): asked for there.
+        Provider("flex", _flex_attention_decode, on_cpu=False),
+        Provider("copy", _device_copy),
     )
 }
 
