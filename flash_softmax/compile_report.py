@@ -329,13 +329,14 @@ def decode_constexprs(head_dim: int, causal: bool, config, part: dict) -> dict:
     )
 
 
-def decode_configs(head_dim: int, arch: str) -> list:
+def decode_configs(head_dim: int, arch: str, dtype: str) -> list:
     """The decode tiles ``decode.decode_config`` picks on ``arch`` for ``DECODE_ROWS`` query rows at this
-    head dim."""
+    head dim and dtype."""
     chosen = []
     for rows in DECODE_ROWS:
         shape = decode.DecodeShape(batch=1, heads_q=rows, heads_kv=1, seqlen_q=1, capacity=4096)
-        config = decode.decode_config(shape, head_dim, head_dim, arch)
+        config = decode.decode_config(shape, head_dim, head_dim, 4 if dtype == "float32" else 2, arch,
+                                      ARCHITECTURES[arch][1])
         if config not in chosen:
             chosen.append(config)
     return chosen
@@ -374,7 +375,7 @@ def selected_configs(kernel: str, arch: str, dtype: str, head_dim: int, selectio
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if kernel == "decode":  # no space to prune: the tiles decode_config picks
-        return [(config, True) for config in decode_configs(head_dim, arch)]
+        return [(config, True) for config in decode_configs(head_dim, arch, dtype)]
     _, shared_limit = ARCHITECTURES[arch]
     element_size = 4 if dtype == "float32" else 2
     kept = attention_configs.prune(kernel, head_dim, head_dim, element_size, shared_limit, arch=arch)

@@ -375,3 +375,17 @@ def test_gpu_cuda_graph_replay_follows_the_lengths():
                                                    block_table=problem.block_table, causal=True)
         torch.cuda.synchronize()
         assert torch.equal(out, expected)
+
+
+def test_lengths_and_block_table_of_any_strides():
+    """An expanded (stride-0) ``cache_seqlens`` and a block table with a strided last dim are read as given."""
+    problem = Cache([30, 30, 30], new_keys=1, layout="paged")
+    same = torch.tensor([30], dtype=torch.int32, device=DEVICE).expand(3)
+    expected = problem.run(causal=True)[:2]
+    got = problem.run(causal=True, cache_seqlens=same)[:2]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    table = problem.block_table
+    problem.block_table = torch.stack([table, table], dim=-1)[..., 0]  # the same entries, stride 2 along dim 1
+    assert problem.block_table.stride(-1) == 2
+    got = problem.run(causal=True)[:2]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -157,6 +157,11 @@ def head_dim_bucket(head_dim: int, head_dim_v: int) -> int:
     return max(64, padded_head_dim(max(head_dim, head_dim_v)))
 
 
+def shared_memory_limit() -> int:
+    """The current device's opt-in shared memory per block (bytes), or an A100's without a device."""
+    return _shared_memory_limit()
+
+
 def _shared_memory_limit() -> int:
     try:
         import torch

@@ -32,6 +32,7 @@ and many keys, without a bias or dropout.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,8 @@ class DecodeShape:
         return self.group_size * self.seqlen_q
 
 
-def decode_config(shape: DecodeShape, head_dim: int, head_dim_v: int, arch: str | None = None) -> configs.KernelConfig:
+def decode_config(shape: DecodeShape, head_dim: int, head_dim_v: int, element_size: int = 2,
+                  arch: str | None = None, shared_limit: int | None = None) -> configs.KernelConfig:
     """The decode kernel's tile on ``arch`` (default: the current device's, ``configs.device_arch``):
     ``block_m`` query rows (the next power of two of the group's rows, from 16, which ``tl.dot`` needs) and
     ``block_n`` keys, or the one forced by ``configs.override(decode=...)``.
@@ -92,18 +94,37 @@ def decode_config(shape: DecodeShape, head_dim: int, head_dim_v: int, arch: str 
     sm_90a for heads up to 128 wide, 32 keys for wider ones (their rows are twice as long), rows up to 64,
     where a tile takes 8 warps (with 4 it spills at D = 256). sm_80 has fewer registers for the same tiles:
     rows up to 32 over 32 keys, the largest that compile without spills there with every score modifier on
-    (notes/perf.md, 'Decoding')."""
+    (notes/perf.md, 'Decoding'); float32 takes 16-row tiles. A tile whose buffers exceed ``shared_limit``
+    bytes (default: the device's) drops stages, then halves its key tile, until they fit."""
     forced = configs.forced_config("decode")
     if forced is not None:
         return forced
     block_m = max(16, configs.next_power_of_2(shape.rows))
     if INTERPRETED:
         return configs.KernelConfig(min(64, block_m), 32, 4, 1)
-    if (arch or configs.device_arch()) == "sm_80":
-        return configs.KernelConfig(min(32, block_m), 32, 4, 3)
-    block_m = min(64, block_m)
-    wide = max(head_dim, head_dim_v) > 128
-    return configs.KernelConfig(block_m, 32 if wide else 64, 8 if block_m == 64 else 4, 3)
+    if element_size >= 4:
+        # float32 products run on FMA units, not tensor cores, and Triton's register allocation for them is
+        # erratic: 32- and 64-row tiles, and 16-row ones over 32 keys at D = 256, spill on sm_90a or sm_80. These
+        # 16-row tiles compile spill-free on both.
+        widest = max(head_dim, head_dim_v)
+        config = (configs.KernelConfig(16, 32, 4, 2) if widest <= 64 else configs.KernelConfig(16, 32, 8, 2)
+                  if widest <= 128 else configs.KernelConfig(16, 16, 8, 1))
+    elif (arch or configs.device_arch()) == "sm_80":
+        config = configs.KernelConfig(min(32, block_m), 32, 4, 3)
+    else:
+        block_m = min(64, block_m)
+        wide = max(head_dim, head_dim_v) > 128
+        config = configs.KernelConfig(block_m, 32 if wide else 64, 8 if block_m == 64 else 4, 3)
+    limit = configs.shared_memory_limit() if shared_limit is None else shared_limit
+    # The decode kernel holds what the forward's does: a Q and an output tile, and stages of K and V tiles.
+    while not configs.fits("forward", config, head_dim, head_dim_v, element_size, limit):
+        if config.num_stages > 1:
+            config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+        elif config.block_n > configs.MIN_DOT_SIZE:
+            config = dataclasses.replace(config, block_n=config.block_n // 2)
+        else:
+            break
+    return config
 
 
 def row_blocks(shape: DecodeShape, block_m: int) -> int:
@@ -452,7 +473,7 @@ def attention_decode(
             lse.fill_(float("-inf"))
         return out, lse
     shape = DecodeShape(batch, heads_q, k_cache.shape[1], seqlen_q, cache_capacity(k_cache, block_table))
-    config = decode_config(shape, head_dim, head_dim_v)
+    config = decode_config(shape, head_dim, head_dim_v, q.element_size())
     blocks = row_blocks(shape, config.block_m)
     splits = num_splits or choose_num_splits(shape, config.block_m, config.block_n, q.device.index or 0)
     splits = max(1, min(splits, configs.cdiv(shape.capacity, config.block_n)))

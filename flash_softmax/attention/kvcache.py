@@ -96,8 +96,12 @@ def flash_attention_with_kvcache(
             q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table, softmax_scale=scale,
             window_size=(left, right), softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, return_lse=True)
         return (out, lse) if return_lse else out
-    # An int length is passed as a scalar (the kernels read no tensor for it); None is the whole capacity.
-    tensor_lengths = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    # An int length is passed as a scalar (the kernels read no tensor for it); None is the whole capacity. The
+    # kernels read the lengths and a block table row with unit stride: an expanded (stride-0) tensor is copied,
+    # which costs an allocation of shape-only size.
+    tensor_lengths = cache_seqlens.contiguous() if isinstance(cache_seqlens, torch.Tensor) else None
+    if block_table is not None and block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
     cache_length = 0 if tensor_lengths is not None else (capacity - new_keys if cache_seqlens is None
                                                          else int(cache_seqlens))
     if k is not None and new_keys:
