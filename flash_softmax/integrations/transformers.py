@@ -19,14 +19,30 @@
     as transformers' ``flash_attention_mask`` returns) that stands for a record of what it means: the band
     (causal, window), the rows' padding turned into ``cu_seqlens`` (read once per forward, one host sync),
     or the packed sequences;
+  - for one causal query row over a cache that the above leaves dense (decoding on a static cache: a tensor
+    ``q_offset``, empty slots after the query, or a compileable cache, for which transformers allows no skip
+    at ``Sq = 1``), transformers' own keep-mask ``(B, 1, 1, Sk)``, made by tensor ops, with a record of the
+    cache's valid lengths ``L_b = q_offset - kv_offset + 1`` (int32 ``(B,)`` on the device, ``q_offset`` never
+    read on the host). Its values are exact, so a caller that builds on it, or a reader that lost the
+    record, gets transformers' mask; padding that hides a key the query sees leaves it dense;
   - transformers' own bool keep-mask ``(B, 1, Sq, Sk)`` (True = attend) only for what is not "sequences and a
     band": custom overlays (``or_mask_function`` / ``and_mask_function``, blockwise groups, chunked
     attention), a caller that asks for a materialised mask to build on (``allow_is_causal_skip=False`` /
-    ``allow_is_bidirectional_skip=False`` with a plain pattern), static caches (a tensor ``q_offset``, or
-    empty slots after the queries), a band whose queries are not at the bottom-right corner of the keys,
-    and anything while tracing or exporting (the record needs to read values).
+    ``allow_is_bidirectional_skip=False`` with a plain pattern and more than one query), static caches
+    outside decoding (a prefill or chunk of several queries into empty slots: a compact mask of the real
+    keys could not carry where the queries sit, so a copy of it, or generate handing it to a compiled
+    forward, would be misread) and padded batches on them, a band whose queries are not at the bottom-right
+    corner of the keys, and anything while tracing or exporting (the record needs to read values).
 - ``fs_attention_forward`` (``AttentionInterface``), called by every attention layer. It runs one of:
 
+  - ``fs.flash_attention_with_kvcache`` for a decoding step's record: the layer's static cache read in place
+    (transformers has written the step's keys already), row ``b`` over its first ``L_b`` slots, causal and the
+    window bottom-right aligned; the slots after them are never read. A full-attention layer has
+    ``L_b = cache_position + 1``; a sliding-window layer's cache (``StaticSlidingWindowLayer``) holds at most
+    the window, rolled once full, so ``L_b = min(cache_position + 1, window)`` and the window hides nothing.
+    Where the kernel cannot serve (grad mode with inputs that require grad, dropout in training,
+    ``position_bias``, ``cu_seq_lens``) and while tracing (the mask is read then, so no step's lengths are
+    baked into a graph), the mask is read by ``fs.flash_attention``: exact, slower;
   - ``fs.flash_attention_varlen`` on the batch flattened to ``(B * S, H, D)`` rows, causal block skipping
     and windows kept per sequence, for
     - padding, where each row's real tokens are one run (left and/or right padding) and the queries are
@@ -101,7 +117,7 @@ except ImportError as error:  # transformers is an optional dependency
         "pip install 'flash-softmax[hf]'"
     ) from error
 
-from flash_softmax.attention import flash_attention, flash_attention_varlen
+from flash_softmax.attention import flash_attention, flash_attention_varlen, flash_attention_with_kvcache
 
 __all__ = [
     "ATTENTION_NAME",
@@ -291,6 +307,18 @@ def _run_varlen(query, key, value, plan: _Varlen, **options):
     return out, lse
 
 
+def _run_kvcache(query, key, value, cache_seqlens: torch.Tensor, window: tuple[int, int], **options):
+    """``flash_attention_with_kvcache`` of the queries over a static cache's keys and values ``(B, Hkv, Smax, D)``,
+    read in place (transformers has already written this step's keys): row ``b`` attends its first
+    ``cache_seqlens[b]`` slots, causal and ``window`` bottom-right aligned, and never reads the slots after
+    them. ``(out (B, Sq, Hq, Dv), lse (B, Hq, Sq) or None)``."""
+    result = flash_attention_with_kvcache(
+        query, key, value, cache_seqlens=cache_seqlens.to(query.device), causal=True, window_size=window, **options,
+    )
+    out, lse = result if options.get("return_lse") else (result, None)
+    return out.transpose(1, 2), lse  # out is laid out like the query: (B, Sq, Hq, Dv) in memory
+
+
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
     """``(B, H, S, D)`` as ``(B * S, H, D)``: a view where the strides allow it, else a copy."""
     rows = tensor.transpose(1, 2)
@@ -388,7 +416,10 @@ class _Layout:
     ``causal`` and ``window`` are the band (the window's sides that hide no key dropped); ``keep`` is the
     padding as a ``(B, 1, 1, Sk)`` key mask (None without padding) and ``varlen`` its sequences (None with
     holes); ``sequences`` the packed sequences' ``(B, S)`` index (their ``_Varlen`` made on first use);
-    ``build_dense`` makes transformers' own ``(B, 1, Sq, Sk)`` mask, for the keywords varlen cannot take."""
+    ``build_dense`` makes transformers' own ``(B, 1, Sq, Sk)`` mask, for the keywords varlen cannot take.
+    ``cache_seqlens``, int32 ``(B,)`` on the device, marks a decoding step over a cache with slots past the
+    query (a static cache): row ``b``'s keys are the first ``cache_seqlens[b]`` slots, the query the last of
+    them (``flash_attention_with_kvcache``'s ``L_b``), and the slots after them are never read."""
 
     batch: int
     q_length: int
@@ -399,6 +430,7 @@ class _Layout:
     varlen: _Varlen | None
     sequences: torch.Tensor | None
     build_dense: Callable[[], torch.Tensor]
+    cache_seqlens: torch.Tensor | None = None
     _dense: torch.Tensor | None = None
     _packed: _Varlen | None = None
 
@@ -483,6 +515,65 @@ def _compact_mask(
     return _register(mask, layout)
 
 
+def _decode_mask(
+    pattern: _Pattern,
+    batch_size: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor,
+    kv_offset: int,
+    padding_mask: torch.Tensor | None,
+    device,
+):
+    """For one causal query row over a cache (a decoding step) that ``_compact_mask`` leaves dense: transformers'
+    own keep-mask ``(B, 1, 1, kv_length)``, registered with the cache's valid lengths; or ``_DENSE``.
+
+    Static caches come here: their full-attention layers pass ``q_offset`` as a tensor and keep slots past
+    the query, their sliding-window layers integer offsets (slots past the query until the window fills,
+    then the rolled window), and every decoding step on a compileable cache allows no skip. The query sits at
+    key index ``q_offset - kv_offset``, so row ``b`` has ``L_b = q_offset - kv_offset + 1`` keys, the query the
+    last of them: ``flash_attention_with_kvcache(cache_seqlens=L_b, causal=True)`` with the pattern's window
+    is exactly this mask. The lengths are made by tensor ops, ``q_offset`` is never read on the host, and
+    they are made now: the layers' cache updates advance ``q_offset`` (the cache's own counter) in place.
+
+    The mask is transformers' values, not a stand-in, so a caller that builds on it (a bias added, as a
+    model that allows no skip may do) or a reader that lost the record (a copy, a traced graph) still gets
+    the exact mask; one query row makes it as small as a ``(B, Sk)`` padding mask. Padding that hides a key
+    the query would see is left to the dense mask (one host read of whether it does), as are patterns over
+    packed sequences and bidirectional ones."""
+    if pattern.sequences is not None or not pattern.causal or not isinstance(kv_offset, int):
+        return _DENSE
+    left = pattern.window[0]
+    keys = torch.arange(kv_length, device=device)
+    if isinstance(q_offset, torch.Tensor):
+        if q_offset.numel() != 1 or q_offset.dtype.is_floating_point:
+            return _DENSE
+        position = q_offset.reshape(()).to(device) - kv_offset  # 0 <= position < kv_length: the cache holds it
+    else:
+        position = q_offset - kv_offset
+        if not 0 <= position < kv_length:
+            return _DENSE
+        if left >= position:
+            left = -1  # the window reaches the first key: it hides nothing
+    visible = keys <= position
+    if left >= 0:
+        visible &= keys >= position - left  # transformers' window w keeps q - w < kv: left = w - 1
+    if padding_mask is not None:
+        real = padding_mask[:, kv_offset : kv_offset + kv_length]
+        if tuple(real.shape) != (batch_size, kv_length) or bool((visible & ~real.bool()).any()):
+            return _DENSE
+    keep = visible.expand(batch_size, kv_length).contiguous()
+    if isinstance(position, torch.Tensor):
+        # The decode kernel reads one length per row with unit stride: the expanded (stride 0) view is copied.
+        cache_seqlens = (position + 1).to(torch.int32).expand(batch_size).contiguous()
+    else:
+        cache_seqlens = torch.full((batch_size,), position + 1, dtype=torch.int32, device=device)
+    layout = _Layout(
+        batch_size, 1, kv_length, True, (left, 0), None, None, None, lambda: keep[:, None, None, :], cache_seqlens,
+    )
+    # A view of ``keep``: the layout holds ``keep``, never the registered mask itself (see _LAYOUTS).
+    return _register(keep[:, None, None, :], layout)
+
+
 def fs_attention_mask(
     batch_size: int,
     q_length: int,
@@ -505,7 +596,8 @@ def fs_attention_mask(
     Args (as transformers' ``sdpa_mask``):
         q_length, kv_length: lengths the query and key states will have in the attention layers.
         q_offset, kv_offset: absolute positions of the first query and the first key. ``q_offset`` is a
-            tensor for static caches, whose values are not read here (it would break compiled graphs).
+            tensor for static caches: only tensor ops use it (a decoding step's lengths), it is never
+            turned into a Python number (that would break compiled graphs).
         mask_function: the pattern (causal, sliding window, chunked, bidirectional, or overlays on them).
         attention_mask: the 2D padding mask ``(batch_size, past + q_length)``, True = real token.
         local_size: sliding window or chunk size, when the pattern has one.
@@ -523,24 +615,37 @@ def fs_attention_mask(
     Returns a compact mask (see the module docstring) for the recognised patterns (``_recognise``) with
     integer offsets, outside tracing and exporting, when the caller allows a skip (or the pattern is packed
     sequences), and a band, if any, is bottom-right aligned. Reading the padding costs one host sync.
+
+    Returns transformers' own ``(batch_size, 1, 1, kv_length)`` mask, registered with the cache's valid
+    lengths (``_decode_mask``), for one causal query row that the above leaves dense: a decoding step on a
+    static cache (tensor ``q_offset``, or empty slots after the query, or no skip allowed), outside tracing
+    and exporting, when no padding hides a key the query sees.
     """
     padding_mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    # Static caches pass q_offset as a tensor so compiled graphs do not depend on it; exported graphs must
-    # not depend on the padding either. Both keep the mask.
-    offsets_known = not is_torchdynamo_exporting() and not isinstance(q_offset, torch.Tensor)
+    # Static caches pass q_offset as a tensor so compiled graphs do not depend on it: it is never read on the
+    # host (only a decoding step uses it, in tensor ops). Exported and traced graphs must not depend on the
+    # padding or the offsets either: they keep the mask.
+    exporting = is_torchdynamo_exporting()
+    tensor_offset = isinstance(q_offset, torch.Tensor)
+    offsets_known = not exporting and not tensor_offset
+    readable = not exporting and not is_tracing(padding_mask) and not (tensor_offset and is_tracing(q_offset))
     dense = functools.partial(
         sdpa_mask, batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
         allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=use_vmap, device=device,
     )
-    if offsets_known and not is_tracing(padding_mask):
+    if readable:
         pattern = _recognise(mask_function)
         if pattern is not None and not is_tracing(pattern.sequences):
-            allow_skip = allow_is_causal_skip if pattern.causal else allow_is_bidirectional_skip
-            compact = _compact_mask(
-                pattern, batch_size, q_length, kv_length, q_offset, kv_offset, padding_mask, allow_skip, device,
-                dense,
-            )
+            compact = _DENSE
+            if offsets_known:
+                allow_skip = allow_is_causal_skip if pattern.causal else allow_is_bidirectional_skip
+                compact = _compact_mask(
+                    pattern, batch_size, q_length, kv_length, q_offset, kv_offset, padding_mask, allow_skip,
+                    device, dense,
+                )
+            if compact is _DENSE and q_length == 1:
+                compact = _decode_mask(pattern, batch_size, kv_length, q_offset, kv_offset, padding_mask, device)
             if compact is not _DENSE:
                 return compact
     if offsets_known and _window_fits(local_size, kv_length):
@@ -829,7 +934,9 @@ def fs_attention_forward(
         value: ``(B, Hkv, Sk, Dv)``.
         attention_mask: from ``fs_attention_mask``: None (the kernel's causal pattern, bottom-right
             aligned, or full attention), a compact ``(B, Sk)`` mask standing for padding, packed sequences
-            and a band (see the module docstring), or a bool keep-mask broadcastable to ``(B, Hq, Sq, Sk)``; a
+            and a band (see the module docstring), a decoding step's ``(B, 1, 1, Sk)`` mask recording a static
+            cache's valid lengths (run by ``flash_attention_with_kvcache``), or a bool keep-mask
+            broadcastable to ``(B, Hq, Sq, Sk)``; a
             float mask (a 4D mask the user prepared, or a bias a model passes as the mask) is added to the
             scores and receives its gradient. A mask longer than the keys is cut to ``Sk``. Any other 2D bool
             ``(B, Sk)`` mask is a key padding mask, as for FlashAttention (the band then comes from
@@ -899,13 +1006,32 @@ def fs_attention_forward(
     packed = cu_seq_lens_q is not None or cu_seq_lens_k is not None
     given = _given_varlen(cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, query, key) if packed else None
 
-    # What runs: varlen over the flattened rows (plan), or flash_attention with the band, a key padding mask,
-    # or a mask materialised for a combination varlen cannot take.
-    plan, key_mask = given, None
-    layout = _LAYOUTS.get(attention_mask) if isinstance(attention_mask, torch.Tensor) else None
+    dropout_p = float(dropout) if dropout and getattr(module, "training", False) else 0.0
+
+    # What runs: flash_attention_with_kvcache over a static cache (cache_seqlens), varlen over the flattened
+    # rows (plan), or flash_attention with the band, a key padding mask, or a mask materialised for a
+    # combination varlen cannot take.
+    plan, key_mask, cache_seqlens = given, None, None
+    layout = None
+    if isinstance(attention_mask, torch.Tensor) and not (attention_mask.ndim == 4 and is_tracing(query)):
+        # A 4D mask holds transformers' values (a decoding step's record only adds the cache's lengths): while
+        # tracing it is read as it is, so that no step's lengths are baked into a graph, and the lookup, which
+        # dynamo refuses to trace, is not made.
+        layout = _LAYOUTS.get(attention_mask)
     if layout is not None and (layout.batch, layout.q_length, layout.kv_length) != (batch, seqlen_q, seqlen_k):
         attention_mask, layout = layout.dense(), None  # a layer whose queries or keys are not the mask's
-    if layout is not None:
+    if layout is not None and layout.cache_seqlens is not None:
+        causal, window = layout.causal, layout.window
+        wants_grad = torch.is_grad_enabled() and any(
+            tensor is not None and tensor.requires_grad for tensor in (query, key, value, s_aux)
+        )
+        if position_bias is not None or given is not None or dropout_p or wants_grad:
+            # flash_attention_with_kvcache has no backward, dropout, bias or packing: flash_attention reads
+            # the mask, which is transformers' own.
+            attention_mask = layout.dense()
+        else:
+            attention_mask, cache_seqlens = None, layout.cache_seqlens
+    elif layout is not None:
         causal, window = layout.causal, layout.window  # the record of transformers' mask wins
         if position_bias is not None or (given is not None and layout.keep is not None):
             attention_mask = layout.dense()
@@ -930,11 +1056,12 @@ def fs_attention_forward(
 
     band = dict(causal=causal, window_size=(window[0], 0 if causal else window[1]))
     scale = None if scaling is None else float(scaling)
-    dropout_p = float(dropout) if dropout and getattr(module, "training", False) else 0.0
-    options = dict(softmax_scale=scale, softcap=softcap, sinks=s_aux, dropout_p=dropout_p, return_lse=sinks is not None)
+    options = dict(softmax_scale=scale, softcap=softcap, sinks=s_aux, return_lse=sinks is not None)
 
-    if plan is not None and attention_mask is None and key_mask is None and position_bias is None:
-        out, lse = _run_varlen(query, key, value, plan, **band, **options)
+    if cache_seqlens is not None:
+        out, lse = _run_kvcache(query, key, value, cache_seqlens, band["window_size"], **options)
+    elif plan is not None and attention_mask is None and key_mask is None and position_bias is None:
+        out, lse = _run_varlen(query, key, value, plan, **band, dropout_p=dropout_p, **options)
     else:
         attention_mask = _cut_to_keys(attention_mask, seqlen_k)
         position_bias = _cut_to_keys(position_bias, seqlen_k)
@@ -944,7 +1071,7 @@ def fs_attention_forward(
         attn_bias = _combine_bias(attention_mask, position_bias, packed_keep, key_mask)
         if attention_mask is not None or packed_keep is not None:
             band = {}  # a materialised mask (transformers' or the packed one) already holds the band
-        out = flash_attention(query, key, value, attn_bias=attn_bias, **band, **options)
+        out = flash_attention(query, key, value, attn_bias=attn_bias, **band, dropout_p=dropout_p, **options)
         out, lse = out if sinks is not None else (out, None)
         # transformers' attention layers pass query states laid out as (B, S, H, D) (projections viewed and
         # transposed, rotary embeddings keep that order), so out is (B, S, H, Dv)-contiguous already and this
