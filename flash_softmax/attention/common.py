@@ -459,3 +459,38 @@ def score_tile(a, b, row_index, col_index, bias_ptr, stride_bm, stride_bn, seqle
         keep = visible(row_index, col_index, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         scores = tl.where(keep, scores, float("-inf"))
     return scores, capped, keep
+
+
+@triton.jit
+def online_softmax_step(scores, m_i, l_i, acc):
+    """One tile of keys folded into a row block's running softmax: ``(p, acc, m_i, l_i)``, ``p = exp2(scores - m)``
+    against the new running max ``m``, the running sum ``l_i`` and the accumulator ``acc`` rescaled to it (the
+    caller adds ``p @ V`` to ``acc``). Base 2 throughout: the scores carry log2(e)."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # A row that has seen no key yet keeps m = -inf; subtracting 0 there avoids (-inf) - (-inf) = NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(scores - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    return p, acc * alpha[:, None], m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def merge_sink(acc, m_i, l_i, sink):
+    """``(acc, m_i, l_i)`` with the sink, one more logit (base 2) of a key whose value is 0, in the row's softmax:
+    it joins the max and the sum, not the accumulator. A row that saw no key ends with lse = sink."""
+    m_new = tl.maximum(m_i, sink)
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    return acc * alpha[:, None], m_new, l_i * alpha + tl.math.exp2(sink - m_shift)
+
+
+@triton.jit
+def finish_rows(acc, m_i, l_i):
+    """``(acc / l, lse)`` of rows whose running max is ``m_i`` and sum ``l_i`` (base 2: ``lse = m + log2 l``). A row
+    that saw no key has ``l = 0``: its output is 0 and its lse -inf, never NaN. A +inf score makes ``l`` NaN
+    (inf - inf); its logsumexp is +inf, and a backward then keeps P finite wherever the reference does."""
+    empty_row = l_i == 0.0
+    l_safe = tl.where(empty_row, 1.0, l_i)
+    lse = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
+    return acc / l_safe[:, None], lse

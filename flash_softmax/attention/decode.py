@@ -42,7 +42,14 @@ import triton.language as tl
 from flash_softmax._backend import INTERPRETED
 from flash_softmax._triton_helpers import dot_operand, round_to_dtype
 from flash_softmax.attention import configs
-from flash_softmax.attention.common import LOG2E_CONSTEXPR, alibi_slope, score_tile
+from flash_softmax.attention.common import (
+    LOG2E_CONSTEXPR,
+    alibi_slope,
+    finish_rows,
+    merge_sink,
+    online_softmax_step,
+    score_tile,
+)
 from flash_softmax.attention.layout import empty_in_layout_of
 from flash_softmax.attention.options import KernelOptions
 
@@ -302,42 +309,24 @@ def _attn_decode_kernel(
             q, dot_operand(k, DOT_DTYPE, INTERPRETED_BFLOAT16), query[:, None], cols[None, :], Q, 0, 0,
             seqlen_q, keys, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope[:, None],
             ACC_DTYPE, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, 0, HAS_ALIBI)
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in the forward: no (-inf) - (-inf)
-        p = tl.math.exp2(scores - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, acc, m_i, l_i = online_softmax_step(scores, m_i, l_i, acc)
         acc = tl.dot(dot_operand(p, DOT_DTYPE, INTERPRETED_BFLOAT16), dot_operand(v, DOT_DTYPE, INTERPRETED_BFLOAT16),
                      acc, input_precision="ieee", out_dtype=ACC_DTYPE)
-        m_i = m_new
 
     stats_rows = (batch * num_heads_q + head).to(tl.int64) * seqlen_q + query
     if SPLIT:
         # The chunk's own softmax: normalised output and logsumexp; the combine adds the sinks.
-        empty_row = l_i == 0.0
-        l_safe = tl.where(empty_row, 1.0, l_i)
-        lse = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
-        lse = tl.where(m_i == float("inf"), float("inf"), lse)
+        out, lse = finish_rows(acc, m_i, l_i)
         partial_rows = split.to(tl.int64) * num_stats_rows + stats_rows
-        tl.store(OutPartial + partial_rows[:, None] * HEAD_DIM_V + offs_dv[None, :], acc / l_safe[:, None],
+        tl.store(OutPartial + partial_rows[:, None] * HEAD_DIM_V + offs_dv[None, :], out,
                  mask=row_ok[:, None] & mask_dv[None, :])
         tl.store(LSEPartial + partial_rows, lse, mask=row_ok)
     else:
         if HAS_SINKS:
-            # The sink is one more logit (base 2) of a key whose value is 0 (see the forward kernel).
             sink = tl.load(Sinks + head, mask=row_ok, other=0.0).to(ACC_DTYPE) * LOG2E_CONSTEXPR
-            m_new = tl.maximum(m_i, sink)
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        empty_row = l_i == 0.0
-        l_safe = tl.where(empty_row, 1.0, l_i)
-        lse = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
-        lse = tl.where(m_i == float("inf"), float("inf"), lse)
-        out = round_to_dtype(acc / l_safe[:, None], DOT_DTYPE, INTERPRETED_BFLOAT16)
+            acc, m_i, l_i = merge_sink(acc, m_i, l_i, sink)
+        out, lse = finish_rows(acc, m_i, l_i)
+        out = round_to_dtype(out, DOT_DTYPE, INTERPRETED_BFLOAT16)
         out_rows = batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + query.to(tl.int64) * stride_om
         tl.store(Out + out_rows[:, None] + offs_dv[None, :], out, mask=row_ok[:, None] & mask_dv[None, :])
         tl.store(LSE + stats_rows, lse, mask=row_ok)
@@ -383,11 +372,8 @@ def _attn_decode_combine_kernel(
         acc += weight[:, None] * out_split
     if HAS_SINKS:
         total += tl.math.exp2(sink - m_shift)
-    empty_row = total == 0.0
-    total_safe = tl.where(empty_row, 1.0, total)
-    lse = tl.where(empty_row, float("-inf"), m + tl.math.log2(total_safe))
-    lse = tl.where(m == float("inf"), float("inf"), lse)
-    out = round_to_dtype(acc / total_safe[:, None], DTYPE, INTERPRETED_BFLOAT16)
+    out, lse = finish_rows(acc, m, total)
+    out = round_to_dtype(out, DTYPE, INTERPRETED_BFLOAT16)
     query = rows % seqlen_q
     batch = rows // seqlen_q // num_heads_q
     out_rows = batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + query.to(tl.int64) * stride_om

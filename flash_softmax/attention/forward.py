@@ -31,11 +31,14 @@ from flash_softmax.attention.common import (
     alibi_slope,
     dropout_keep,
     dropout_state,
+    finish_rows,
     head_dim_offsets,
     head_start,
     key_range,
     load_tile,
     matrix_descriptor,
+    merge_sink,
+    online_softmax_step,
     program_work,
     query_tile,
     score_tile,
@@ -83,13 +86,7 @@ def _attn_fwd_inner(
             q, k, offs_m[:, None], cols[None, :], bias_ptr, stride_bm, stride_bn,
             seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope,
             acc.dtype, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # A row that has seen no key yet keeps m = -inf; subtracting 0 there avoids (-inf) - (-inf) = NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(scores - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, acc, m_new, l_i = online_softmax_step(scores, m_i, l_i, acc)
         if HAS_DROPOUT:
             p = tl.where(dropout_keep(seed, offset, batch_head, offs_m[:, None], cols[None, :], dropout_threshold),
                          p, 0.0)
@@ -183,28 +180,14 @@ def _attn_fwd_kernel(
                 PARTITION_WARPS)
 
         if HAS_SINKS:
-            # The sink is one more logit (base 2) in the row's softmax, of a key whose value is 0: it joins
-            # the max and the sum, not the accumulator. A row that saw no key ends with lse = sink.
             sink = tl.load(Sinks + head).to(ACC_DTYPE) * LOG2E_CONSTEXPR
-            m_new = tl.maximum(m_i, sink)
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        # A row that saw no key has l = 0: its output is 0 and its lse -inf, never NaN.
-        empty_row = l_i == 0.0
-        l_safe = tl.where(empty_row, 1.0, l_i)
-        out = acc / l_safe[:, None]
+            acc, m_i, l_i = merge_sink(acc, m_i, l_i, sink)
+        # Base 2, as the scores are: backward recomputes exp2(s - lse) from the same float32 values, with no
+        # ln 2 round trip (the API converts to the natural log once).
+        out, lse = finish_rows(acc, m_i, l_i)
         if HAS_DROPOUT:
             out = out * dropout_scale
         out = round_to_dtype(out, DOT_DTYPE, INTERPRETED_BFLOAT16)
-        # Base 2, as the scores are: backward recomputes exp2(s - lse) from the same float32 values, with no
-        # ln 2 round trip (the API converts to the natural log once).
-        lse = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(l_safe))
-        # A +inf score makes l NaN (inf - inf); logsumexp is +inf there, and backward then keeps P finite
-        # wherever the reference does.
-        lse = tl.where(m_i == float("inf"), float("inf"), lse)
 
         row_ok = offs_m < seqlen_q
         if USE_TMA:
