@@ -33,6 +33,7 @@ and many keys, without a bias or dropout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -92,8 +93,9 @@ class DecodeShape:
 
 
 def decode_config(shape: DecodeShape, head_dim: int, head_dim_v: int, element_size: int = 2,
-                  arch: str | None = None, shared_limit: int | None = None) -> configs.KernelConfig:
-    """The decode kernel's tile on ``arch`` (default: the current device's, ``configs.device_arch``):
+                  arch: str | None = None, shared_limit: int | None = None,
+                  device_index: int = 0) -> configs.KernelConfig:
+    """The decode kernel's tile on ``arch`` (default: that of device ``device_index``, the current one):
     ``block_m`` query rows (the next power of two of the group's rows, from 16, which ``tl.dot`` needs) and
     ``block_n`` keys, or the one forced by ``configs.override(decode=...)``.
 
@@ -106,9 +108,17 @@ def decode_config(shape: DecodeShape, head_dim: int, head_dim_v: int, element_si
     forced = configs.forced_config("decode")
     if forced is not None:
         return forced
-    block_m = max(16, configs.next_power_of_2(shape.rows))
+    rows = max(16, configs.next_power_of_2(shape.rows))
+    return _decode_tile(rows, head_dim, head_dim_v, element_size, arch, shared_limit, device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_tile(rows: int, head_dim: int, head_dim_v: int, element_size: int, arch: str | None,
+                 shared_limit: int | None, device_index: int) -> configs.KernelConfig:
+    """``decode_config``'s choice for a power-of-two row count, cached: a decode step pays one lookup, and the
+    device's architecture and shared memory are asked for once."""
     if INTERPRETED:
-        return configs.KernelConfig(min(64, block_m), 32, 4, 1)
+        return configs.KernelConfig(min(64, rows), 32, 4, 1)
     if element_size >= 4:
         # float32 products run on FMA units, not tensor cores, and Triton's register allocation for them is
         # erratic: 32- and 64-row tiles, and 16-row ones over 32 keys at D = 256, spill on sm_90a or sm_80. These
@@ -117,9 +127,9 @@ def decode_config(shape: DecodeShape, head_dim: int, head_dim_v: int, element_si
         config = (configs.KernelConfig(16, 32, 4, 2) if widest <= 64 else configs.KernelConfig(16, 32, 8, 2)
                   if widest <= 128 else configs.KernelConfig(16, 16, 8, 1))
     elif (arch or configs.device_arch()) == "sm_80":
-        config = configs.KernelConfig(min(32, block_m), 32, 4, 3)
+        config = configs.KernelConfig(min(32, rows), 32, 4, 3)
     else:
-        block_m = min(64, block_m)
+        block_m = min(64, rows)
         wide = max(head_dim, head_dim_v) > 128
         config = configs.KernelConfig(block_m, 32 if wide else 64, 8 if block_m == 64 else 4, 3)
     limit = configs.shared_memory_limit() if shared_limit is None else shared_limit
@@ -172,6 +182,7 @@ def cache_slots(BlockTable, batch, positions, valid, page_size, stride_tb, PAGED
     if PAGED:
         page = tl.load(BlockTable + batch.to(tl.int64) * stride_tb + positions // page_size, mask=valid, other=0)
         return page.to(tl.int64), (positions % page_size).to(tl.int64)
+    # ``outer`` as a tile like the paged branch's: Triton compiles both returns, which must agree in type.
     return batch.to(tl.int64) + positions.to(tl.int64) * 0, positions.to(tl.int64)
 
 
@@ -454,14 +465,13 @@ def attention_decode(
     statistics_dtype = options.statistics_dtype(q)
     out = empty_in_layout_of(q, (batch, heads_q, seqlen_q, head_dim_v), q.dtype)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=statistics_dtype, device=q.device)
-    if out.numel() == 0:
-        if batch * heads_q * seqlen_q:  # Dv = 0 never passes the checks; nothing else is empty
-            lse.fill_(float("-inf"))
+    if out.numel() == 0:  # no query row (Dv >= 1 is checked)
         return out, lse
     shape = DecodeShape(batch, heads_q, k_cache.shape[1], seqlen_q, cache_capacity(k_cache, block_table))
-    config = decode_config(shape, head_dim, head_dim_v, q.element_size())
+    device_index = q.device.index or 0
+    config = decode_config(shape, head_dim, head_dim_v, q.element_size(), device_index=device_index)
     blocks = row_blocks(shape, config.block_m)
-    splits = num_splits or choose_num_splits(shape, config.block_m, config.block_n, q.device.index or 0)
+    splits = num_splits or choose_num_splits(shape, config.block_m, config.block_n, device_index)
     splits = max(1, min(splits, configs.cdiv(shape.capacity, config.block_n)))
     stats_rows = batch * heads_q * seqlen_q
     if splits > 1:
@@ -473,12 +483,7 @@ def attention_decode(
     lengths, length, has_seqlens = _length_arguments(cache_seqlens, cache_length, q)
     table, stride_tb, paged = _table_arguments(block_table, q)
     sinks, alibi, _, *alibi_strides = options.modifier_operands(q)
-    runtime = options.runtime_arguments(q, k_cache)
     constexprs = options.constexprs(q, v_cache)
-    # The band's bounds, clamped as runtime_arguments clamps them, against the cache's capacity.
-    reach = seqlen_q + shape.capacity
-    window_left = min(max(options.window_left, 0), reach)
-    window_right = min(max(options.window_right, 0), reach)
     _attn_decode_kernel[(blocks * batch * shape.heads_kv, splits)](
         q, k_cache, v_cache, lengths, table, sinks, alibi, out, lse, out_partial, lse_partial,
         q.stride(0), q.stride(1), q.stride(2),
@@ -487,7 +492,7 @@ def attention_decode(
         stride_tb, *alibi_strides,
         out.stride(0), out.stride(1), out.stride(2),
         heads_q, shape.heads_kv, shape.group_size, seqlen_q, length, new_keys, shape.capacity, k_cache.shape[2],
-        window_left, window_right, runtime[7], runtime[8], runtime[9], splits, blocks, stats_rows,
+        *options.window_bounds(seqlen_q + shape.capacity), *options.score_scales(), splits, blocks, stats_rows,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=constexprs["BLOCK_D"], BLOCK_DV=constexprs["BLOCK_DV"],
         HAS_LEFT=constexprs["HAS_LEFT"], HAS_RIGHT=constexprs["HAS_RIGHT"], HAS_SOFTCAP=constexprs["HAS_SOFTCAP"],
         HAS_SINKS=constexprs["HAS_SINKS"], HAS_ALIBI=constexprs["HAS_ALIBI"], HAS_SEQLENS=has_seqlens, PAGED=paged,

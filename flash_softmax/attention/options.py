@@ -126,19 +126,27 @@ class KernelOptions:
         which only key the tuning (each program reads its sequence's own)."""
         heads_q, heads_kv = q.shape[1], k.shape[1]
         seqlen_q, seqlen_k = (q.shape[2], k.shape[2]) if packed is None else packed.max_lengths
-        softcap = self.softcap
-        # A bound of Sq + Sk or more already reaches every key; clamping keeps the kernels' int32 index
-        # arithmetic (start + block + diagonal + bound) from wrapping around for huge bounds. (All the rows
-        # of a packed batch bound any sequence's lengths, whatever its stated maxima.)
-        reach = q.shape[2] + k.shape[2]
+        # (All the rows of a packed batch bound any sequence's lengths, whatever its stated maxima.)
         return (
-            heads_q, heads_q // heads_kv, seqlen_q, seqlen_k,
-            min(max(self.window_left, 0), reach), min(max(self.window_right, 0), reach),
-            self.softmax_scale, self.softmax_scale * LOG2E,
-            self.softmax_scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
+            heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, *self.window_bounds(q.shape[2] + k.shape[2]),
+            self.softmax_scale, *self.score_scales(),
             dropout_threshold(self.dropout_p), 1.0 / (1.0 - self.dropout_p),
             configs.length_bucket(seqlen_q), configs.length_bucket(seqlen_k),
         )
+
+    def window_bounds(self, reach: int) -> tuple[int, int]:
+        """``(window_left, window_right)`` as the kernels take them: 0 for an unbounded side (its ``HAS_*`` switch
+        is off), and at most ``reach``. A bound of ``reach`` = Sq + Sk or more already reaches every key;
+        clamping keeps the kernels' int32 index arithmetic (start + block + diagonal + bound) from wrapping
+        around for huge bounds."""
+        return min(max(self.window_left, 0), reach), min(max(self.window_right, 0), reach)
+
+    def score_scales(self) -> tuple[float, float, float]:
+        """``(qk_scale, softcap_scale, softcap_log2)``: the base-2 scale of ``q @ k.T``, and with a softcap the
+        scale of its argument and its base-2 factor (0.0 without one)."""
+        softcap = self.softcap
+        return (self.softmax_scale * LOG2E, self.softmax_scale / softcap if softcap > 0 else 0.0,
+                softcap * LOG2E)
 
     def selection_arguments(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             packed: PackedBatch | None = None) -> tuple:

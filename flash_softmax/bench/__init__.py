@@ -74,37 +74,34 @@ def cpu_banner() -> str:
     return f"No GPU: these figures time {engine} on a CPU. They are not speed claims."
 
 
+def _refuse_given(args: argparse.Namespace, flags: dict[str, str], reason: str) -> None:
+    """Raise ``ValueError`` for the first of ``flags`` (attribute -> flag) given on the command line:
+    ``<flag> <reason>; it was given <value>``."""
+    for attribute, flag in flags.items():
+        value = getattr(args, attribute)
+        if value is not None:
+            raise ValueError(f"{flag} {reason}; it was given {value}")
+
+
 def _reject_flags_of_other_op(args: argparse.Namespace) -> None:
     if args.decode:
         if args.varlen:
             raise ValueError("--decode and --varlen: give one of them")
         if args.op != "attention":
             raise ValueError(f"--decode times attention; it was given --op {args.op}")
-        for attribute, flag in _NOT_DECODE_FLAGS.items():
-            if getattr(args, attribute) is not None:
-                raise ValueError(f"{flag} does not apply to --decode (one query per sequence over its cache: "
-                                 f"--decode-batches, --decode-lengths, --decode-page-size); it was given "
-                                 f"{getattr(args, attribute)}")
+        _refuse_given(args, _NOT_DECODE_FLAGS, "does not apply to --decode (one query per sequence over its cache: "
+                      "--decode-batches, --decode-lengths, --decode-page-size)")
         return
-    for attribute, flag in _DECODE_ONLY_FLAGS.items():
-        if getattr(args, attribute) is not None:
-            raise ValueError(f"{flag} applies to --decode only; it was given {getattr(args, attribute)}")
+    _refuse_given(args, _DECODE_ONLY_FLAGS, "applies to --decode only")
     if args.varlen:
         if args.op != "attention":
             raise ValueError(f"--varlen times attention; it was given --op {args.op}")
-        for attribute, flag in _NOT_VARLEN_FLAGS.items():
-            if getattr(args, attribute) is not None:
-                raise ValueError(f"{flag} does not apply to --varlen (its lengths are drawn: --varlen-tokens, "
-                                 f"--varlen-sequences, --varlen-lengths, --varlen-seed); it was given "
-                                 f"{getattr(args, attribute)}")
+        _refuse_given(args, _NOT_VARLEN_FLAGS, "does not apply to --varlen (its lengths are drawn: --varlen-tokens, "
+                      "--varlen-sequences, --varlen-lengths, --varlen-seed)")
         return
-    for attribute, flag in _VARLEN_ONLY_FLAGS.items():
-        if getattr(args, attribute) is not None:
-            raise ValueError(f"{flag} applies to --varlen only; it was given {getattr(args, attribute)}")
+    _refuse_given(args, _VARLEN_ONLY_FLAGS, "applies to --varlen only")
     foreign = _SOFTMAX_ONLY_FLAGS if args.op == "attention" else _ATTENTION_ONLY_FLAGS
-    for attribute, flag in foreign.items():
-        if getattr(args, attribute) is not None:
-            raise ValueError(f"{flag} does not apply to --op {args.op}; it was given {getattr(args, attribute)}")
+    _refuse_given(args, foreign, f"does not apply to --op {args.op}")
 
 
 def _time_cell(record: dict[str, object]) -> str:
@@ -296,9 +293,7 @@ def _run_host_overhead(args: argparse.Namespace, on_gpu: bool, threads: int) -> 
     for flag, given in (("--varlen", args.varlen), ("--decode", args.decode)):
         if given:
             raise ValueError(f"{flag} does not apply to --host-overhead; give one of them")
-    for attribute, flag in _NOT_HOST_OVERHEAD_FLAGS.items():
-        if getattr(args, attribute) is not None:
-            raise ValueError(f"{flag} does not apply to --host-overhead; it was given {getattr(args, attribute)}")
+    _refuse_given(args, _NOT_HOST_OVERHEAD_FLAGS, "does not apply to --host-overhead")
     out_dir = Path(args.out) if args.out else default_output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     return host_overhead.run(args, on_gpu=on_gpu, out_dir=out_dir, threads=threads)
