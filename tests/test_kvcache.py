@@ -274,29 +274,25 @@ def test_opcheck():
                            0.3, -1, 0, 0.0, 3))
 
 
-def _bad(**changes):
-    return changes
-
-
 ERRORS = {
-    "3-d q": (_bad(q=lambda t: t[0]), ValueError, "q must have 4 dims"),
-    "cache batch": (_bad(k_cache=lambda t: t[:1], v_cache=lambda t: t[:1]), ValueError, "k_cache must have q's batch"),
-    "cache dtype": (_bad(k_cache=lambda t: t.double()), TypeError, "k_cache must have dtype|share one dtype"),
-    "cache last dim": (_bad(k_cache=lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
+    "3-d q": (dict(q=lambda t: t[0]), ValueError, "q must have 4 dims"),
+    "cache batch": (dict(k_cache=lambda t: t[:1], v_cache=lambda t: t[:1]), ValueError, "k_cache must have q's batch"),
+    "cache dtype": (dict(k_cache=lambda t: t.double()), TypeError, "k_cache must have dtype|share one dtype"),
+    "cache last dim": (dict(k_cache=lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
                        "k_cache must have a contiguous last dim"),
-    "heads": (_bad(q=lambda t: t[:, :3]), ValueError, "multiple of the key/value heads"),
-    "k without v": (_bad(v=lambda t: None), ValueError, "k and v must be given together"),
-    "k shape": (_bad(k=lambda t: t[:, :1]), ValueError, r"k must have shape \(B, Hkv, Sn, D\)"),
-    "k without lengths": (_bad(cache_seqlens=lambda t: None), ValueError, "cache_seqlens is required"),
-    "float lengths": (_bad(cache_seqlens=lambda t: t.float()), TypeError, "cache_seqlens must have dtype int32"),
-    "lengths shape": (_bad(cache_seqlens=lambda t: t[:1]), ValueError, r"cache_seqlens must have shape \(B,\)"),
-    "int length too long": (_bad(cache_seqlens=lambda t: 100), ValueError, r"cache_seqlens must be in \[0, capacity"),
-    "table dtype": (_bad(block_table=lambda t: torch.zeros(2, 2, device=DEVICE)), TypeError,
+    "heads": (dict(q=lambda t: t[:, :3]), ValueError, "multiple of the key/value heads"),
+    "k without v": (dict(v=lambda t: None), ValueError, "k and v must be given together"),
+    "k shape": (dict(k=lambda t: t[:, :1]), ValueError, r"k must have shape \(B, Hkv, Sn, D\)"),
+    "k without lengths": (dict(cache_seqlens=lambda t: None), ValueError, "cache_seqlens is required"),
+    "float lengths": (dict(cache_seqlens=lambda t: t.float()), TypeError, "cache_seqlens must have dtype int32"),
+    "lengths shape": (dict(cache_seqlens=lambda t: t[:1]), ValueError, r"cache_seqlens must have shape \(B,\)"),
+    "int length too long": (dict(cache_seqlens=lambda t: 100), ValueError, r"cache_seqlens must be in \[0, capacity"),
+    "table dtype": (dict(block_table=lambda t: torch.zeros(2, 2, device=DEVICE)), TypeError,
                     "block_table must have dtype int32"),
-    "table shape": (_bad(block_table=lambda t: torch.zeros(3, 2, dtype=torch.int32, device=DEVICE)), ValueError,
+    "table shape": (dict(block_table=lambda t: torch.zeros(3, 2, dtype=torch.int32, device=DEVICE)), ValueError,
                     r"block_table must have shape \(B, pages_per_seq\)"),
-    "splits": (_bad(num_splits=lambda t: -1), ValueError, "num_splits must be >= 0"),
-    "splits type": (_bad(num_splits=lambda t: 2.0), TypeError, "num_splits must be an int"),
+    "splits": (dict(num_splits=lambda t: -1), ValueError, "num_splits must be >= 0"),
+    "splits type": (dict(num_splits=lambda t: 2.0), TypeError, "num_splits must be an int"),
 }
 
 
